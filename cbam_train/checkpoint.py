@@ -1,0 +1,153 @@
+"""Weights in and out: atomic saves, weights-only loads, ImageNet weights through torchvision's cache."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from cbam_train.config import UserError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class WeightsError(UserError):
+    """A weights file is missing, unreadable or does not fit the model."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
+    """Read a plain state dict, a checkpoint holding one under 'model'/'state_dict', or torchvision's file.
+
+    Always weights_only=True: a file whose unpickling would run code is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what}: file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{what}: {path} is not a readable PyTorch weights file ({reason[:200]})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{what}: {path} does not hold a state dict (name -> tensor)")
+    out = {}
+    for k, v in obj.items():
+        for prefix in WRAPPER_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+@dataclass
+class LoadReport:
+    loaded: list = field(default_factory=list)  # keys copied into the model
+    mismatched: list = field(default_factory=list)  # keys present in both with different shapes
+    unexpected: list = field(default_factory=list)  # keys in the file the model does not have
+    new_modules: list = field(default_factory=list)  # top-level modules (and 'cbam') left at their init
+
+
+def group_of(key: str) -> str:
+    """The module a state-dict key belongs to, at the granularity the schedule uses."""
+    return "cbam" if "cbam" in key.split(".") else key.split(".")[0]
+
+
+def load_matching(model: nn.Module, state: dict) -> LoadReport:
+    """Copy every tensor whose name and shape match; report what was left at its initialisation.
+
+    Used for pretrained / `model.weights` files, where a new stem, head and CBAM are expected to differ.
+    """
+    own = model.state_dict()
+    report = LoadReport()
+    take = {}
+    for k, v in state.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        else:
+            take[k] = v
+    model.load_state_dict(take, strict=False)
+    report.loaded = sorted(take)
+    new = []
+    for k in own:
+        if k not in take and group_of(k) not in new:
+            new.append(group_of(k))
+    report.new_modules = new
+    return report
+
+
+def _summarise(keys: list, n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Load every key or fail naming the missing, unexpected and mis-shaped keys (for init_from)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {_summarise(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)) if keys]
+        raise WeightsError(f"{source} does not fit this model ({'; '.join(parts)}); "
+                           "build the model with the config that saved it")
+    model.load_state_dict(state)
+
+
+def imagenet_resnet18_state_dict(progress: bool = False) -> dict:
+    """torchvision's ResNet18_Weights.IMAGENET1K_V1, from the TORCH_HOME cache or downloaded into it."""
+    from torchvision.models import ResNet18_Weights
+
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=progress)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise WeightsError(
+                f"model.pretrained: ImageNet weights are not cached at {path} and the download failed "
+                f"({reason}); copy {path.name} there, pass model.weights=PATH, or set model.pretrained=false"
+            ) from None
+    return load_state_dict_file(path, "model.pretrained")
+
+
+def load_initial_weights(model: nn.Module, weights: Optional[str], pretrained: bool) -> Optional[LoadReport]:
+    """Apply `model.weights` (a file) or `model.pretrained` (ImageNet); None when neither is asked for."""
+    if weights:
+        return load_matching(model, load_state_dict_file(weights, "model.weights"))
+    if pretrained:
+        return load_matching(model, imagenet_resnet18_state_dict())
+    return None

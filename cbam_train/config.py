@@ -1,0 +1,229 @@
+"""The configuration schema: typed dataclasses that Hydra's ConfigStore registers and YAML fills.
+
+Hydra rejects unknown keys and wrong types at composition (struct mode); `validate` adds the
+checks a type cannot express (ranges, choices) with messages a user can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class UserError(Exception):
+    """Bad input from the user (config, paths, data): the CLI prints one red line and exits."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration value is invalid."""
+
+
+@dataclass
+class CBAMConfig:
+    enabled: bool = True
+    placement: str = "stage"  # stage: after layer1..layer4 (the recipe); block: inside every BasicBlock
+    reduction: int = 16  # channel-MLP bottleneck: C -> C // reduction -> C
+    kernel_size: int = 7  # spatial-attention conv, odd
+    init: str = "identity"  # identity: CBAM(x) == x at init; seed: the recipe's plain sigmoid gates
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18_cbam"
+    num_classes: int = 10
+    pretrained: bool = True  # torchvision ResNet18_Weights.IMAGENET1K_V1 via TORCH_HOME
+    weights: Optional[str] = None  # a state-dict file; overrides `pretrained`
+    stem: str = "cifar"  # cifar: 3x3 stride-1 conv1, no max-pool; imagenet: torchvision's 7x7/2 + pool
+    cbam: CBAMConfig = field(default_factory=CBAMConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | imagefolder | synthetic
+    root: Optional[str] = "data/cifar10"
+    download: bool = True  # cifar10 only
+    image_size: int = 32  # imagefolder images are resized to this; synthetic images are generated at it
+    num_classes: int = 10  # synthetic only; cifar10 has 10, imagefolder counts its class folders
+    train_size: int = 2000  # synthetic only: images generated for the train (+val) pool
+    test_size: int = 500  # synthetic only
+    val_size: int = 5000  # held out from train, stratified, deterministic for a seed
+    limit: Optional[int] = None  # use at most this many training images (stratified), after the val split
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    num_workers: int = 4
+    mean: Optional[List[float]] = None  # per-channel, in [0, 1]; null: measured on the train split
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class CropConfig:
+    enabled: bool = True
+    padding: int = 4  # pixels on each side; the crop size is data.image_size
+
+
+@dataclass
+class FlipConfig:
+    enabled: bool = True
+    p: float = 0.5
+
+
+@dataclass
+class ColorJitterConfig:
+    enabled: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.1
+
+
+@dataclass
+class RotationConfig:
+    enabled: bool = True
+    degrees: float = 15.0  # uniform in [-degrees, +degrees]
+
+
+@dataclass
+class AugmentConfig:
+    name: str = "seed"
+    crop: CropConfig = field(default_factory=CropConfig)
+    flip: FlipConfig = field(default_factory=FlipConfig)
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    trainable: List[str] = field(default_factory=lambda: ["all"])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "seed"
+    freeze_bn: bool = True  # BatchNorm layers of frozen modules stay in eval mode (stats frozen too)
+    stages: Dict[str, StageConfig] = field(default_factory=dict)  # in run order
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: float = 1e-8  # adam
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+
+
+@dataclass
+class LogConfig:
+    mode: str = "auto"  # auto: rich on a terminal, plain otherwise | rich | plain | quiet
+    every_n_steps: int = 50  # plain mode: one line every N batches; also how often the bar syncs
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    stage: str = "all"  # all | 1-based stage number | stage name
+    lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
+    init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
+    seed: int = 0
+    task: str = "train"  # train (eval and bench are reserved)
+    experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
+
+
+TASKS = ("train",)
+RESERVED_TASKS = ("eval", "bench")
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml is validated against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check what the types cannot (choices, ranges); raise ConfigError naming the key."""
+    if cfg.task in RESERVED_TASKS:
+        raise ConfigError(f"task={cfg.task} is reserved and not implemented in this version; use task=train")
+    _choice("task", cfg.task, TASKS)
+    m = cfg.model
+    _choice("model.name", m.name, ("resnet18_cbam",))
+    _choice("model.stem", m.stem, ("cifar", "imagenet"))
+    _choice("model.cbam.placement", m.cbam.placement, ("stage", "block"))
+    _choice("model.cbam.init", m.cbam.init, ("identity", "seed"))
+    _positive("model.num_classes", m.num_classes)
+    _positive("model.cbam.reduction", m.cbam.reduction)
+    if m.cbam.kernel_size < 1 or m.cbam.kernel_size % 2 == 0:
+        raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
+    d = cfg.data
+    _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
+    for key in ("batch_size", "eval_batch_size", "image_size", "num_classes", "train_size", "test_size"):
+        _positive(f"data.{key}", getattr(d, key))
+    _positive("data.val_size", d.val_size, strict=False)
+    _positive("data.num_workers", d.num_workers, strict=False)
+    if d.limit is not None:
+        _positive("data.limit", d.limit)
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        if v is not None and len(v) != 3:
+            raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
+    if d.std is not None and min(d.std) <= 0:
+        raise ConfigError(f"data.std values must be > 0, got {list(d.std)}")
+    if d.name in ("cifar10", "imagefolder") and not d.root:
+        raise ConfigError(f"data.root is required for data={d.name}")
+    a = cfg.augment
+    _positive("augment.crop.padding", a.crop.padding, strict=False)
+    if not 0.0 <= a.flip.p <= 1.0:
+        raise ConfigError(f"augment.flip.p must be in [0, 1], got {a.flip.p}")
+    for key in ("brightness", "contrast", "saturation"):
+        _positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
+    if not 0.0 <= a.color_jitter.hue <= 0.5:
+        raise ConfigError(f"augment.color_jitter.hue must be in [0, 0.5], got {a.color_jitter.hue}")
+    _positive("augment.rotation.degrees", a.rotation.degrees, strict=False)
+    if not cfg.schedule.stages:
+        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml)")
+    for name, st in cfg.schedule.stages.items():
+        if st.epochs < 1:
+            raise ConfigError(f"schedule.stages.{name}.epochs must be >= 1, got {st.epochs}")
+        _positive(f"schedule.stages.{name}.lr", st.lr)
+        if not st.trainable:
+            raise ConfigError(f"schedule.stages.{name}.trainable is empty: list modules to train, or [all]")
+    o = cfg.optim
+    _choice("optim.name", o.name, ("adam", "sgd"))
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas needs 2 values, got {list(o.betas)}")
+    dev = cfg.device.name
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device.name: unknown value {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+    _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
+    _positive("log.every_n_steps", cfg.log.every_n_steps)
+    if cfg.lr is not None:
+        _positive("lr", cfg.lr)
+    return cfg

@@ -1,0 +1,284 @@
+"""Datasets (CIFAR-10 pickle batches, image folders, synthetic), stratified splits and loaders.
+
+Every source yields uint8 images of shape (3, H, W) and int labels; augment.py turns them into
+float, normalised tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cbam_train.config import UserError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST = ["test_batch"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(UserError):
+    """The data is missing, empty or unreadable."""
+
+
+class ImageDataset(Dataset):
+    """Images by index (uint8 (3, H, W)) with int labels, through an optional transform."""
+
+    def __init__(self, load: Callable[[int], torch.Tensor], labels: np.ndarray, indices: np.ndarray,
+                 transform: Optional[Callable] = None) -> None:
+        self.load, self.labels, self.indices, self.transform = load, labels, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        img = self.load(j)
+        return (self.transform(img) if self.transform else img), int(self.labels[j])
+
+    def targets(self) -> np.ndarray:
+        return self.labels[self.indices]
+
+
+@dataclass
+class DataSplits:
+    train: ImageDataset
+    val: ImageDataset
+    test: Optional[ImageDataset]
+    classes: list
+    mean: tuple  # per channel, fraction of 255
+    std: tuple
+
+
+# ---------------------------------------------------------------- splits
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple:
+    """Deterministic stratified hold-out: (train_idx, val_idx), disjoint, each sorted.
+
+    Each class gives val_size * (its share) images (largest remainders make the total exact).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training images (the split has {n}); lower it")
+    if val_size == 0:
+        return np.arange(n), np.arange(0)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * val_size / n
+    take = np.floor(quota).astype(int)
+    for c in np.argsort(-(quota - take), kind="stable")[: val_size - take.sum()]:
+        take[c] += 1
+    rng = np.random.default_rng(seed)
+    val = []
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[:k])
+    val_idx = np.sort(np.concatenate(val))
+    mask = np.ones(n, bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask), val_idx
+
+
+def stratified_subset(indices: np.ndarray, labels: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:
+    """At most `limit` of `indices`, keeping class proportions (for data.limit)."""
+    if limit is None or limit >= len(indices):
+        return indices
+    _, keep = stratified_split(labels[indices], limit, seed + 1)
+    return indices[keep]
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are pickles of dicts of numpy arrays: allow exactly that, nothing that runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple:
+    if not path.is_file():
+        raise DataError(f"data=cifar10: batch file missing: {path}; re-download (delete the folder) "
+                        "or point data.root at a complete copy")
+    try:
+        d = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        data = np.asarray(d.get("data", d.get(b"data")), dtype=np.uint8)
+        labels = np.asarray(d.get("labels", d.get(b"labels")), dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32)
+    except Exception as e:  # any failure here means the file is not a CIFAR-10 batch
+        raise DataError(f"data=cifar10: {path} is not a valid CIFAR-10 batch ({type(e).__name__}: {e})"[:300]) \
+            from None
+    if len(images) != len(labels):
+        raise DataError(f"data=cifar10: {path} has {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def load_cifar10(root: str, download: bool) -> tuple:
+    """(train_x, train_y, test_x, test_y, classes) from root/cifar-10-batches-py; downloads if asked."""
+    base = Path(root) / CIFAR10_DIR
+    if not base.is_dir():
+        hint = ("point data.root at a folder holding cifar-10-batches-py/, use data=imagefolder data.root=PATH "
+                "for a local image folder, or experiment=smoke for generated data")
+        if not download:
+            raise DataError(f"data=cifar10: {base} not found and data.download=false; {hint}")
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(CIFAR10_URL, str(root), filename="cifar-10-python.tar.gz", md5=CIFAR10_MD5)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise DataError(f"data=cifar10: could not download CIFAR-10 to {root} ({reason}); {hint}") from None
+    parts = [_read_cifar_batch(base / f) for f in CIFAR10_TRAIN]
+    tx, ty = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    sx, sy = _read_cifar_batch(base / CIFAR10_TEST[0])
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    meta = base / "batches.meta"
+    if meta.is_file():
+        try:
+            names = _ArrayUnpickler(io.BytesIO(meta.read_bytes()), encoding="latin1").load()["label_names"]
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        except Exception:  # the metadata only names classes; the defaults are CIFAR-10's own
+            pass
+    return tx, ty, sx, sy, classes
+
+
+# ---------------------------------------------------------------- image folders
+
+def scan_image_folder(split_dir: Path) -> tuple:
+    """(paths, labels, classes, n_ignored) for split_dir/<class>/<image>; classes sorted by name."""
+    if not split_dir.is_dir():
+        raise DataError(f"data=imagefolder: {split_dir} not found; expected {split_dir}/<class>/<images>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"data=imagefolder: {split_dir} has no class folders; expected {split_dir}/<class>/<images>")
+    paths, labels, ignored = [], [], 0
+    for label, c in enumerate(classes):
+        files = sorted(p for p in (split_dir / c).rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        ignored += len(files) - len(images)
+        if not images:
+            raise DataError(f"data=imagefolder: class folder {split_dir / c} has no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
+        paths += images
+        labels += [label] * len(images)
+    return paths, np.asarray(labels, dtype=np.int64), classes, ignored
+
+
+def file_loader(paths: Sequence[Path], image_size: int) -> Callable[[int], torch.Tensor]:
+    """Decode path i to uint8 (3, S, S): RGB, shorter side resized to S and centre-cropped if needed."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    def load(i: int) -> torch.Tensor:
+        try:
+            with Image.open(paths[i]) as im:
+                img = F.pil_to_tensor(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"data=imagefolder: cannot read image {paths[i]} ({e})") from None
+        if img.shape[1:] != (image_size, image_size):
+            img = F.center_crop(F.resize(img, image_size, antialias=True), [image_size, image_size])
+        return img
+
+    return load
+
+
+# ---------------------------------------------------------------- synthetic
+
+def make_synthetic(n: int, num_classes: int, image_size: int, seed: int, sample_seed: int) -> tuple:
+    """Learnable fake images: class c has its own colour and stripe orientation/frequency (drawn from
+    `seed`, shared by every split), plus per-image noise and phase (from `sample_seed`), so a model has
+    to look at both colour and texture. Returns (uint8 (N, 3, S, S), int64 labels)."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 0.6 + 0.2
+    angle = torch.rand(num_classes, generator=g) * torch.pi
+    freq = 0.4 + torch.rand(num_classes, generator=g) * 0.8  # radians per pixel
+    g = torch.Generator().manual_seed(sample_seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
+    shift = torch.rand(n, 1, 1, generator=g) * 2 * torch.pi
+    a, f = angle[labels].view(n, 1, 1), freq[labels].view(n, 1, 1)
+    stripes = torch.sin(f * (xx * torch.cos(a) + yy * torch.sin(a)) + shift)  # (n, S, S)
+    img = colours[labels] + 0.25 * stripes.unsqueeze(1) + 0.12 * torch.randn(n, 3, image_size, image_size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels.numpy().astype(np.int64)
+
+
+# ---------------------------------------------------------------- assembly
+
+def channel_stats(images: torch.Tensor) -> tuple:
+    """Per-channel mean and std (fractions of 255) of uint8 images (N, 3, H, W)."""
+    x = images.float().div_(255).transpose(0, 1).reshape(3, -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def _tensor_loader(images: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    return lambda i: images[i]
+
+
+def build_splits(cfg, seed: int, num_classes: int, warn: Callable[[str], None] = lambda s: None) -> DataSplits:
+    """Train / val / test datasets (without transforms) for a DataConfig, checked against num_classes."""
+    test = None
+    if cfg.name == "cifar10":
+        tx, ty, sx, sy, classes = load_cifar10(cfg.root, cfg.download)
+        train_load, labels = _tensor_loader(torch.from_numpy(tx)), ty
+        test = ImageDataset(_tensor_loader(torch.from_numpy(sx)), sy, np.arange(len(sy)))
+        sample = lambda idx: torch.from_numpy(tx[idx])  # noqa: E731
+    elif cfg.name == "synthetic":
+        x, labels = make_synthetic(cfg.train_size, cfg.num_classes, cfg.image_size, seed, seed + 1)
+        sx, sy = make_synthetic(cfg.test_size, cfg.num_classes, cfg.image_size, seed, seed + 2)
+        train_load, classes = _tensor_loader(x), [f"class{i}" for i in range(cfg.num_classes)]
+        test = ImageDataset(_tensor_loader(sx), sy, np.arange(len(sy)))
+        sample = lambda idx: x[idx]  # noqa: E731
+    elif cfg.name == "imagefolder":
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DataError(f"data.root={cfg.root}: folder not found")
+        paths, labels, classes, ignored = scan_image_folder(root / "train")
+        train_load = file_loader(paths, cfg.image_size)
+        if (root / "test").is_dir():
+            tpaths, tlabels, tclasses, tignored = scan_image_folder(root / "test")
+            if tclasses != classes:
+                raise DataError(f"data=imagefolder: {root / 'test'} classes {tclasses} differ from train's {classes}")
+            test = ImageDataset(file_loader(tpaths, cfg.image_size), tlabels, np.arange(len(tlabels)))
+            ignored += tignored
+        if ignored:
+            warn(f"data=imagefolder: ignored {ignored} non-image file(s) under {root}")
+        sample = lambda idx: torch.stack([train_load(int(i)) for i in idx])  # noqa: E731
+    else:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose one of: cifar10, imagefolder, synthetic")
+    if len(classes) != num_classes:
+        raise DataError(f"data has {len(classes)} classes ({', '.join(classes[:12])}) but model.num_classes="
+                        f"{num_classes}; set model.num_classes={len(classes)}")
+    train_idx, val_idx = stratified_split(labels, cfg.val_size, seed)
+    train_idx = stratified_subset(train_idx, labels, cfg.limit, seed)
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+    else:  # measure on up to 2,000 training images (deterministic sample)
+        pick = np.sort(np.random.default_rng(seed).permutation(train_idx)[:2000])
+        mean, std = channel_stats(sample(pick))
+        mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
+    return DataSplits(train=ImageDataset(train_load, labels, train_idx), val=ImageDataset(train_load, labels, val_idx),
+                      test=test, classes=classes, mean=mean, std=std)
+
+
+def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader; the training one shuffles with its own seeded generator (reproducible order)."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, generator=g,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)

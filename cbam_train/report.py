@@ -1,0 +1,159 @@
+"""Console and files: rich (or plain/quiet) output mirrored without markup to train.log, metrics.jsonl
+and summary.json in the run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+MODES = ("auto", "rich", "plain", "quiet")
+
+
+def resolve_mode(mode: str, stream=None) -> str:
+    """auto -> rich on a terminal, plain when captured (CI, pipes, files)."""
+    stream = stream or sys.stdout
+    if mode != "auto":
+        return mode
+    return "rich" if stream.isatty() and os.environ.get("TERM") != "dumb" else "plain"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.2e}"
+
+
+class Reporter:
+    """Everything the run shows or writes about itself; one instance per run."""
+
+    def __init__(self, run_dir: Path, mode: str = "auto", every_n_steps: int = 50) -> None:
+        self.run_dir = Path(run_dir)
+        self.mode = resolve_mode(mode)
+        self.every_n_steps = every_n_steps
+        plain = self.mode != "rich"
+        # markup=False everywhere: messages contain [brackets] (stage names, override lists) that must print as-is
+        self.console = Console(highlight=False, markup=False, no_color=plain, force_terminal=False if plain else None,
+                               width=120 if plain else None, soft_wrap=plain, quiet=self.mode == "quiet")
+        self.err = Console(stderr=True, highlight=False, markup=False, no_color=plain, soft_wrap=True)
+        self._log_file = open(self.run_dir / "train.log", "a", encoding="utf-8")
+        self.log = Console(file=self._log_file, no_color=True, force_terminal=False, width=120,
+                           highlight=False, markup=False, soft_wrap=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._log_file.close()
+
+    # -- text
+    def print(self, *objs: Any, quiet_too: bool = False) -> None:
+        """To the console (unless quiet) and the log file."""
+        self.log.print(*objs)
+        if quiet_too and self.mode == "quiet":
+            self.err.print(*objs)
+        else:
+            self.console.print(*objs)
+
+    def warn(self, msg: str) -> None:
+        """A yellow line on stderr (even in quiet mode) and in the log."""
+        self.log.print(f"warning: {msg}")
+        self.err.print(f"warning: {msg}", style="yellow")
+
+    def config(self, yaml_text: str) -> None:
+        self.log.print(yaml_text)
+        if self.mode == "rich":
+            self.console.print(Panel(Syntax(yaml_text, "yaml", background_color="default"), title="config",
+                                     expand=False))
+        else:
+            self.console.print(yaml_text)
+
+    def stage_table(self, rows: list) -> None:
+        t = Table(title="schedule")
+        for col in ("#", "stage", "epochs", "global epochs", "lr", "trainable", "trainable params"):
+            t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
+        for r in rows:
+            t.add_row(str(r["index"]), r["name"], str(r["epochs"]), f"{r['first_epoch']}-{r['last_epoch']}",
+                      fmt_lr(r["lr"]), ", ".join(r["trainable"]), f"{r['trainable_params']:,}")
+        self.print(t)
+
+    def banner(self, text: str) -> None:
+        self.log.rule(text)
+        self.console.rule(Text(text, style="bold cyan") if self.mode == "rich" else text)
+
+    # -- per batch
+    @contextmanager
+    def progress(self, total: int, desc: str) -> Iterator:
+        """Yields update(step, seen, loss, acc, img_per_s); rich draws a bar, plain prints every N steps."""
+        if self.mode == "rich":
+            cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[stats]}")]
+            with Progress(*cols, console=self.console, transient=True) as bar:
+                task = bar.add_task(desc, total=total, stats="")
+
+                def update(step: int, stats: Optional[dict] = None) -> None:
+                    fields = {"stats": _stats_text(stats)} if stats else {}
+                    bar.update(task, completed=step, **fields)
+                    if stats:
+                        self.log.print(f"{desc} step {step}/{total} {_stats_text(stats)}")
+
+                yield update
+            return
+
+        def update(step: int, stats: Optional[dict] = None) -> None:
+            if stats:
+                line = f"{desc} step {step}/{total} {_stats_text(stats)}"
+                self.log.print(line)
+                self.console.print(line)
+
+        yield update
+
+    # -- per epoch
+    def epoch(self, row: dict) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        text = (f"epoch {row['epoch']:>3} [{row['stage_name']}] train loss {row['train_loss']:.4f} "
+                f"acc {100 * row['train_acc']:5.2f}% | val loss {_num(row['val_loss'], '.4f')} "
+                f"acc {_pct(row['val_acc'])} | lr {fmt_lr(row['lr'])} | {row['epoch_time_s']:.1f} s | "
+                f"{row['train_images_per_s']:.0f} img/s")
+        self.log.print(text)
+        self.console.print(text)
+
+    def summary(self, s: dict) -> None:
+        write_json_atomic(self.run_dir / "summary.json", s)
+        t = Table(title="summary", show_header=False)
+        t.add_column("", style="bold")
+        t.add_column("")
+        t.add_row("best val acc", _pct(s["best_val_acc"]))
+        t.add_row("final val acc", _pct(s["final_val_acc"]))
+        t.add_row("test acc", _pct(s["test_acc"]) if s["test_acc"] is not None else "n/a (no test split)")
+        t.add_row("epochs", str(s["epochs_run"]))
+        t.add_row("wall time", f"{s['wall_time_s']:.1f} s")
+        t.add_row("device", s["device"])
+        t.add_row("run dir", str(self.run_dir))
+        self.print(t, quiet_too=True)
+
+
+def _num(v: Optional[float], spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:5.2f}%"
+
+
+def _stats_text(s: dict) -> str:
+    return f"loss {s['loss']:.4f} acc {100 * s['acc']:5.2f}% {s['img_per_s']:.0f} img/s"

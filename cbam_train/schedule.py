@@ -1,0 +1,116 @@
+"""The staged unfreezing schedule as pure functions of the config and the model's parameter names.
+
+Which parameters train in stage k, and at what learning rate, is decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+from torch import nn
+
+from cbam_train.config import ConfigError
+
+SPECIAL = ("all", "cbam")  # all: every parameter; cbam: every CBAM module wherever it is placed
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 1-based position in the schedule
+    name: str
+    epochs: int
+    lr: float
+    trainable: tuple
+    first_epoch: int  # global 1-based epoch at which this stage starts in the full schedule
+
+
+def select_stages(names: Sequence[str], select: str) -> list:
+    """Indices (0-based) of the stages that `stage=<select>` runs: all, a 1-based number or a name."""
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(names, 1))
+    if select == "all":
+        return list(range(len(names)))
+    if select.isdigit():
+        k = int(select)
+        if not 1 <= k <= len(names):
+            raise ConfigError(f"stage={select}: out of range; the schedule has {len(names)} stages: {listing}")
+        return [k - 1]
+    if select in names:
+        return [list(names).index(select)]
+    raise ConfigError(f"stage={select}: unknown stage; use all, a number or a name: {listing}")
+
+
+def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = None) -> list:
+    """The stages that run, in order. `lr` sets the first running stage's lr; later ones keep their ratio."""
+    names = list(stages)
+    chosen = select_stages(names, str(select))
+    scale = 1.0 if lr is None else lr / stages[names[chosen[0]]].lr
+    first_epoch = {}
+    total = 0
+    for n in names:
+        first_epoch[n] = total + 1
+        total += stages[n].epochs
+    return [Stage(index=i + 1, name=names[i], epochs=stages[names[i]].epochs, lr=stages[names[i]].lr * scale,
+                  trainable=tuple(stages[names[i]].trainable), first_epoch=first_epoch[names[i]])
+            for i in chosen]
+
+
+def module_names(model: nn.Module) -> list:
+    """Top-level modules that own parameters, in model order (conv1, bn1, layer1..layer4, fc, cbam)."""
+    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def _matches(param: str, entry: str) -> bool:
+    if entry == "all":
+        return True
+    if entry == "cbam":
+        return "cbam" in param.split(".")
+    return param == entry or param.startswith(entry + ".")
+
+
+def check_trainable(model: nn.Module, stages: Mapping) -> None:
+    """Fail at start-up, naming the stage and the valid names, if a trainable entry matches nothing."""
+    params = [n for n, _ in model.named_parameters()]
+    known = ", ".join([n for n in module_names(model) if n != "cbam"] + list(SPECIAL))
+    for stage_name, st in stages.items():
+        for entry in st.trainable:
+            if entry in SPECIAL or any(_matches(p, entry) for p in params):
+                continue
+            raise ConfigError(f"schedule.stages.{stage_name}.trainable: unknown module {entry!r}; known: {known}")
+
+
+def trainable_parameters(model: nn.Module, trainable: Iterable[str]) -> list:
+    """Names of the parameters a stage trains, in model order."""
+    entries = list(trainable)
+    return [n for n, _ in model.named_parameters() if any(_matches(n, e) for e in entries)]
+
+
+def apply_stage(model: nn.Module, trainable: Iterable[str], freeze_bn: bool = True) -> list:
+    """Set requires_grad for a stage and return its trainable parameters (for the optimizer).
+
+    With freeze_bn, BatchNorm layers whose parameters are all frozen stay in eval mode whenever the
+    model is put in train mode (see ResNetCBAM.train), so their running statistics stop changing too.
+    """
+    names = set(trainable_parameters(model, trainable))
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names:
+            params.append(p)
+    if hasattr(model, "freeze_bn"):
+        model.freeze_bn = freeze_bn
+    model.train(model.training)  # re-apply the BN modes for the new trainable set
+    return params
+
+
+def frozen_new_modules(stages: Sequence[Stage], new_modules: Iterable[str], model: nn.Module) -> dict:
+    """Newly initialised (not loaded) modules that a stage keeps frozen before any stage has trained
+    them, i.e. still at their random init: {stage name: [module]}."""
+    out = {}
+    untrained = list(new_modules)
+    for st in stages:
+        trained = trainable_parameters(model, st.trainable)
+        untrained = [m for m in untrained if not any(_matches(p, m) for p in trained)]
+        if untrained:
+            out[st.name] = list(untrained)
+    return out
