@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cbam_train.config import Config, UserError, register_configs, validate
 
@@ -38,7 +39,7 @@ def condense_hydra_error(text: str) -> str:
     text = text.split("Config search path:")[0]
     lines = [ln.strip() for ln in text.splitlines()
              if ln.strip() and "HYDRA_FULL_ERROR" not in ln and not ln.strip().startswith("object_type=")]
-    return re.sub(r"\s+", " ", "; ".join(lines)).replace(":;", ":")
+    return re.sub(r"\s+", " ", "; ".join(lines)).replace(":;", ":").replace(".;", ";")
 
 
 _real_stderr = sys.stderr
@@ -48,7 +49,12 @@ _real_stderr = sys.stderr
 def _hydra_main(dcfg: DictConfig) -> None:
     sys.stderr = _real_stderr  # composition succeeded: from here on, stderr is the job's own
     try:
-        cfg: Config = validate(OmegaConf.to_object(dcfg))
+        try:
+            cfg: Config = validate(OmegaConf.to_object(dcfg))
+        except MissingMandatoryValue as e:
+            fail(f"config: {e.full_key} is required; set {e.full_key}=...")
+        except OmegaConfBaseException as e:
+            fail(f"config: {condense_hydra_error(str(e))}")
         if cfg.task == "train":
             from cbam_train.train import run
 

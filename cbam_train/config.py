@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "cifar10"  # cifar10 | imagefolder | synthetic
-    root: Optional[str] = "data/cifar10"
+    root: Optional[str] = None  # cifar10: folder holding cifar-10-batches-py/; imagefolder: holding train/
     download: bool = True  # cifar10 only
     image_size: int = 32  # imagefolder images are resized to this; synthetic images are generated at it
     num_classes: int = 10  # synthetic only; cifar10 has 10, imagefolder counts its class folders
@@ -196,7 +196,7 @@ def validate(cfg: Config) -> Config:
     if d.std is not None and min(d.std) <= 0:
         raise ConfigError(f"data.std values must be > 0, got {list(d.std)}")
     if d.name in ("cifar10", "imagefolder") and not d.root:
-        raise ConfigError(f"data.root is required for data={d.name}")
+        raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
     a = cfg.augment
     _positive("augment.crop.padding", a.crop.padding, strict=False)
     if not 0.0 <= a.flip.p <= 1.0:

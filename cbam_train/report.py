@@ -53,10 +53,11 @@ class Reporter:
         self._log_file = open(self.run_dir / "train.log", "a", encoding="utf-8")
         self.log = Console(file=self._log_file, no_color=True, force_terminal=False, width=120,
                            highlight=False, markup=False, soft_wrap=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics = None  # opened at the first epoch: a run that fails at start-up leaves no metrics file
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         self._log_file.close()
 
     # -- text
@@ -123,6 +124,8 @@ class Reporter:
 
     # -- per epoch
     def epoch(self, row: dict) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         text = (f"epoch {row['epoch']:>3} [{row['stage_name']}] train loss {row['train_loss']:.4f} "

@@ -127,19 +127,20 @@ def run(cfg: Config, run_dir: Path, config_yaml: str = "") -> dict:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)  # config errors before any work
+    device = resolve_device(cfg.device.name)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model)
+    check_trainable(model, cfg.schedule.stages)
     check_run_dir(run_dir)
     rep = Reporter(run_dir, cfg.log.mode, cfg.log.every_n_steps)
     try:
-        return _run(cfg, run_dir, config_yaml, stages, rep, t_start)
+        return _run(cfg, run_dir, config_yaml, stages, model, device, rep, t_start)
     finally:
         rep.close()
 
 
-def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, rep: Reporter, t_start: float) -> dict:
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device.name)
-    model = build_model(cfg.model)
-    check_trainable(model, cfg.schedule.stages)
+def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.Module, device: torch.device,
+         rep: Reporter, t_start: float) -> dict:
     if config_yaml:
         rep.config(config_yaml)
 

@@ -1,0 +1,32 @@
+# Each target sets up .venv itself on a fresh machine (python3 -m venv + pip install -e '.[dev]').
+# Pass overrides with ARGS, e.g. `make train ARGS="data.root=/data/cifar10 device=cuda"`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: train smoke test data clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+train: $(BIN)/.installed  ## the full seed recipe on CIFAR-10 (downloads it and the ImageNet weights)
+	$(BIN)/cbam-train $(ARGS)
+
+smoke: $(BIN)/.installed  ## ~20 s CPU run on generated data, no downloads
+	$(BIN)/cbam-train experiment=smoke $(ARGS)
+
+test: $(BIN)/.installed  ## the whole test suite (CPU, no network)
+	$(BIN)/python -m pytest $(ARGS)
+
+data: data/cifar10-jpeg/train  ## unpack the real CIFAR-10 training images (JPEG copy) from ../shared
+
+data/cifar10-jpeg/train: ../shared/data/cifar10-jpeg/train.tar.gz
+	mkdir -p data/cifar10-jpeg
+	tar -xzf $< -C data/cifar10-jpeg
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

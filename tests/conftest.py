@@ -1,0 +1,48 @@
+"""Shared fixtures: compose configs the way the CLI does (Hydra compose API), tiny models and data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cbam_train.cli import find_conf_dir
+from cbam_train.config import Config, register_configs, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: list | None = None) -> Config:
+    """The typed Config that `cbam-train <overrides>` would run with."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=list(overrides or []))
+    return validate(OmegaConf.to_object(dcfg))
+
+
+@pytest.fixture
+def make_cfg():
+    return compose_config
+
+
+def run_cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m cbam_train ARGS` in a subprocess (the real CLI), capturing output as text."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Call the CLI with cwd=tmp_path; every call gets hydra.run.dir under tmp_path unless given."""
+    def _run(*args: str, env: dict | None = None, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+        args = list(args)
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            args.append(f"hydra.run.dir={run_dir or tmp_path / 'run'}")
+        return run_cli(args, cwd=tmp_path, env=env)
+    return _run

@@ -1,0 +1,144 @@
+"""The real CLI in a subprocess: the smoke run's outputs, stage/lr/init_from, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from cbam_train.models import build_model
+from conftest import compose_config
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
+METRIC_KEYS = {"epoch", "stage", "stage_name", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+               "epoch_time_s", "train_images_per_s"}
+
+
+def one_error_line(proc) -> str:
+    """Assert the process failed with exactly one 'error:' line on stderr and no traceback; return it."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run shared by the tests below (it takes ~20 s on 2 cores)."""
+    from conftest import run_cli
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = run_cli(["experiment=smoke", f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+    return proc, tmp / "run"
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_output_contract(smoke_run):
+    proc, run = smoke_run
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [(r["stage"], r["stage_name"]) for r in rows] == [(1, "head"), (2, "high"), (3, "full")]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3, 1e-3, 3e-4])
+    for r in rows:
+        assert METRIC_KEYS <= set(r)
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0
+        assert r["epoch_time_s"] > 0 and r["train_images_per_s"] > 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["epochs_run"] == 3 and s["device"] == "cpu"
+    assert s["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert s["final_val_acc"] == rows[-1]["val_acc"]
+    assert s["best_val_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert s["test_acc"] is not None and s["test_acc"] > 0.3
+    assert [st["name"] for st in s["stages"]] == ["head", "high", "full"]
+    assert s["stages"][1]["trainable"] == ["fc", "cbam", "layer3", "layer4"]
+    assert s["stages"][0]["trainable_params"] == s["stages"][2]["trainable_params"]  # smoke's head trains all
+    assert s["stages"][1]["trainable_params"] < s["stages"][2]["trainable_params"]
+    assert s["config"]["data"]["name"] == "synthetic"
+    assert s["wall_time_s"] < 60
+    # model.pt is a plain state dict that loads strictly into the model built from the same config
+    state = torch.load(run / "model.pt", weights_only=True)
+    build_model(compose_config(["experiment=smoke"]).model).load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_smoke_run_console_and_log_are_plain_when_captured(smoke_run):
+    proc, run = smoke_run
+    log = (run / "train.log").read_text()
+    for text in (proc.stdout, proc.stderr, log):
+        assert not ANSI.search(text)
+    assert "stage 2/3 'high'" in proc.stdout and "stage 2/3 'high'" in log
+    assert re.search(r"epoch +3 \[full\] train loss", log)
+    assert "lr" in proc.stdout and "3.00e-03" in proc.stdout  # the resolved per-stage lrs are printed
+
+
+@pytest.mark.slow
+def test_stage_two_alone_from_stage_one_weights(smoke_run, cli, tmp_path):
+    _, first = smoke_run
+    proc = cli("experiment=smoke", "stage=high", "lr=3e-4", f"init_from={first / 'model.pt'}")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["stage"], r["stage_name"]) for r in rows] == [(2, 2, "high")]
+    assert rows[0]["lr"] == pytest.approx(3e-4)
+    # started from trained weights: far above what one epoch of stage 2 from scratch reaches (~0.1-0.2)
+    assert rows[0]["val_acc"] > 0.5
+
+
+def test_lr_override_scales_every_stage(cli, tmp_path):
+    proc = cli("experiment=smoke", "lr=2e-3", "stage=nope")  # fails after resolving: cheap
+    assert "stage=nope" in one_error_line(proc)
+    from cbam_train.schedule import resolve_stages
+
+    cfg = compose_config(["lr=2e-3"])
+    assert [s.lr for s in resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)] == pytest.approx(
+        [2e-3, 2e-4, 2e-5])
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("model=nope", "model"),
+    ("foo=1", "foo"),
+    ("seed=abc", "seed"),
+    ("lr=-1", "lr must be > 0"),
+    ("schedule.stages.head.epochs=0", "schedule.stages.head.epochs"),
+    ("stage=7", "out of range"),
+    ("stage=nope", "unknown stage"),
+    ("schedule.stages.high.trainable=[fc,layer5]", "layer5"),
+    ("data=imagefolder", "data.root"),
+    ("task=eval", "task=eval"),
+    ("optim.name=rmsprop", "optim.name"),
+])
+def test_bad_override_is_one_line_exit_2(cli, override, expect):
+    proc = cli("experiment=smoke", override)
+    assert proc.returncode == 2
+    assert expect in one_error_line(proc)
+
+
+def test_offline_pretrained_weights_fail_with_the_options(cli, tmp_path):
+    proc = cli("experiment=smoke", "model.pretrained=true", env={**OFFLINE, "TORCH_HOME": str(tmp_path / "th")})
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
+    assert "model.weights=PATH" in line and "model.pretrained=false" in line
+
+
+def test_offline_cifar10_download_fails_with_the_options(cli, tmp_path):
+    proc = cli("data.root=" + str(tmp_path / "cifar"), "model.pretrained=false", env=OFFLINE)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    for hint in ("data.root", "data=imagefolder", "experiment=smoke"):
+        assert hint in line
+
+
+def test_existing_run_dir_is_refused_and_left_alone(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("precious\n")
+    proc = cli("experiment=smoke")
+    assert proc.returncode == 2
+    assert "already holds a run" in one_error_line(proc)
+    assert (run / "metrics.jsonl").read_text() == "precious\n"
