@@ -104,7 +104,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+               ("__builtin__", "bytes"), ("builtins", "bytes")}  # protocol-2 bytes, as Python 3 writes them
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -150,7 +151,8 @@ def load_cifar10(root: str, download: bool) -> tuple:
     meta = base / "batches.meta"
     if meta.is_file():
         try:
-            names = _ArrayUnpickler(io.BytesIO(meta.read_bytes()), encoding="latin1").load()["label_names"]
+            d = _ArrayUnpickler(io.BytesIO(meta.read_bytes()), encoding="latin1").load()
+            names = d.get("label_names", d.get(b"label_names"))
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         except Exception:  # the metadata only names classes; the defaults are CIFAR-10's own
             pass
