@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import urllib.error
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
         raise WeightsError(f"{what}: file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # an untrusted file: any failure to read it is bad input, not a bug
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{what}: {path} is not a readable PyTorch weights file ({reason[:200]})") from None
     for key in ("model", "state_dict"):
@@ -61,9 +60,8 @@ def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
         raise WeightsError(f"{what}: {path} does not hold a state dict (name -> tensor)")
     out = {}
     for k, v in obj.items():
-        for prefix in WRAPPER_PREFIXES:
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(WRAPPER_PREFIXES):  # e.g. _orig_mod.module.x from compile(DDP(model))
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 
@@ -132,8 +130,8 @@ def imagenet_resnet18_state_dict(progress: bool = False) -> dict:
     url = ResNet18_Weights.IMAGENET1K_V1.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(path), progress=progress)
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
@@ -147,7 +145,11 @@ def imagenet_resnet18_state_dict(progress: bool = False) -> dict:
 def load_initial_weights(model: nn.Module, weights: Optional[str], pretrained: bool) -> Optional[LoadReport]:
     """Apply `model.weights` (a file) or `model.pretrained` (ImageNet); None when neither is asked for."""
     if weights:
-        return load_matching(model, load_state_dict_file(weights, "model.weights"))
+        report = load_matching(model, load_state_dict_file(weights, "model.weights"))
+        if not report.loaded:
+            raise WeightsError(f"model.weights: no tensor in {weights} matches this model by name and shape "
+                               f"(e.g. {', '.join((report.unexpected + report.mismatched)[:3])}); is it a ResNet18?")
+        return report
     if pretrained:
         return load_matching(model, imagenet_resnet18_state_dict())
     return None

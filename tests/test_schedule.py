@@ -169,6 +169,18 @@ def test_frozen_parameters_get_no_gradient(model, seed_stages):
     assert model.fc.weight.grad.abs().sum() > 0
 
 
+def test_apply_stage_reapplies_batchnorm_modes_on_a_training_model(model):
+    # the run calls apply_stage between epochs with the model already in train mode
+    bns = lambda mod: [m.training for m in mod.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.train()
+    apply_stage(model, ["fc", "cbam", "layer4"])
+    assert not any(bns(model.layer1)) and all(bns(model.layer4))
+    apply_stage(model, ["all"])
+    assert all(bns(model))
+    apply_stage(model, ["fc"], freeze_bn=False)
+    assert all(bns(model))
+
+
 def bn_buffers(model, frozen_tops):
     return {n: b.clone() for n, b in model.named_buffers() if top(n) in frozen_tops}
 

@@ -1,0 +1,95 @@
+"""The staged run in-process on tiny generated data: reproducibility, weights, warnings, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from cbam_train.checkpoint import WeightsError
+from cbam_train.train import TrainingError, run
+from conftest import compose_config
+
+TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32",
+        "data.test_size=32", "data.batch_size=16", "log.mode=plain"]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}
+
+
+def test_same_seed_same_results_bit_for_bit(tmp_path):
+    a = run(compose_config(TINY), tmp_path / "a")
+    b = run(compose_config(TINY), tmp_path / "b")
+    assert [without_times(r) for r in rows(tmp_path / "a")] == [without_times(r) for r in rows(tmp_path / "b")]
+    sa, sb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["best_val_acc"] == b["best_val_acc"] and a["test_acc"] == b["test_acc"]
+    run(compose_config(TINY + ["seed=1"]), tmp_path / "c")
+    sc = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    assert not torch.equal(sa["fc.weight"], sc["fc.weight"])
+
+
+def test_frozen_modules_do_not_change_during_a_stage(tmp_path):
+    """Stage 'high' alone, from a saved start: conv1..layer2 (and their BN statistics) stay bit-identical."""
+    cfg = compose_config(TINY + ["stage=high"])
+    run(compose_config(TINY + ["stage=head"]), tmp_path / "start")
+    start = torch.load(tmp_path / "start" / "model.pt", weights_only=True)
+    run(compose_config(TINY + ["stage=high", f"init_from={tmp_path / 'start' / 'model.pt'}"]), tmp_path / "two")
+    end = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    frozen = [k for k in start if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2")]
+    trained = [k for k in start if k.split(".")[0] in ("layer3", "layer4", "fc", "cbam") and "num_batches" not in k]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)  # incl. running_mean/var
+    assert any(not torch.equal(start[k], end[k]) for k in trained)
+    assert cfg.schedule.stages["high"].trainable == ["fc", "cbam", "layer3", "layer4"]
+
+
+def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys):
+    weights = tmp_path / "tv.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = compose_config(TINY + [f"model.weights={weights}", "schedule.stages.head.trainable=[fc,cbam]"])
+    run(cfg, tmp_path / "run")
+    out, err = capsys.readouterr()
+    assert "newly initialised: conv1, fc, cbam" in out
+    warning = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1  # once, not per stage
+    assert "head: conv1" in warning[0] and "high: conv1" in warning[0]
+    assert "schedule.stages.head.trainable=[fc,cbam,conv1,bn1]" in warning[0]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "warning: stages keep newly initialised" in log
+
+
+def test_no_warning_when_the_first_stage_trains_the_new_modules(tmp_path, capsys):
+    weights = tmp_path / "tv.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    run(compose_config(TINY + [f"model.weights={weights}", "schedule.stages.head.trainable=[conv1,bn1,fc,cbam]"]),
+        tmp_path / "run")
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_init_from_a_different_architecture_is_refused(tmp_path):
+    run(compose_config(TINY + ["stage=head"]), tmp_path / "a")
+    with pytest.raises(WeightsError, match="fc.weight"):
+        run(compose_config(TINY + ["model.num_classes=5", "data.num_classes=5", "stage=high",
+                                   f"init_from={tmp_path / 'a' / 'model.pt'}"]), tmp_path / "b")
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1 \(head\)"):
+        run(compose_config(TINY + ["lr=1e30", "log.every_n_steps=1"]), tmp_path / "run")
+
+
+def test_rich_and_quiet_modes_run(tmp_path, capsys):
+    run(compose_config(TINY + ["log.mode=quiet", "stage=1"]), tmp_path / "q")
+    out, err = capsys.readouterr()
+    assert "epoch" not in out and "best val acc" in err  # quiet: only the summary, on stderr
+    assert "epoch   1 [head]" in (tmp_path / "q" / "train.log").read_text()
+    run(compose_config(TINY + ["log.mode=rich", "stage=1"]), tmp_path / "r")
+    assert "best val acc" in capsys.readouterr().out
