@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -44,6 +45,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg, lr: float) -> torch.optim.Optimizer:
@@ -172,8 +178,11 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.M
                  f"first stage, e.g. schedule.stages.{first.name}.trainable=[{','.join(first.trainable)},conv1,bn1]")
 
     pin = device.type == "cuda"
-    train_loader = make_loader(splits.train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed, pin)
-    val_loader = make_loader(splits.val, cfg.data.eval_batch_size, False, cfg.data.num_workers, cfg.seed, pin)
+    workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
+    if workers < cfg.data.num_workers:
+        rep.print(f"data: {workers} loader workers (data.num_workers={cfg.data.num_workers}, {workers} CPUs)")
+    train_loader = make_loader(splits.train, cfg.data.batch_size, True, workers, cfg.seed, pin)
+    val_loader = make_loader(splits.val, cfg.data.eval_batch_size, False, workers, cfg.seed, pin)
     model.to(device)
 
     stage_rows = []
@@ -208,8 +217,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.M
 
     test = None
     if splits.test is not None:
-        test = evaluate(model, make_loader(splits.test, cfg.data.eval_batch_size, False, cfg.data.num_workers,
-                                           cfg.seed, pin), device)
+        test = evaluate(model, make_loader(splits.test, cfg.data.eval_batch_size, False, workers, cfg.seed, pin),
+                        device)
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
     summary = {"final_val_acc": last_val, "best_val_acc": best_val,
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
