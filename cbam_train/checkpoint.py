@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -97,8 +96,8 @@ def load_matching(model: nn.Module, state: dict) -> LoadReport:
     model.load_state_dict(take, strict=False)
     report.loaded = sorted(take)
     new = []
-    for k in own:
-        if k not in take and group_of(k) not in new:
+    for k in own:  # num_batches_tracked is bookkeeping: older ResNet files lack it, the weights are still there
+        if k not in take and not k.endswith("num_batches_tracked") and group_of(k) not in new:
             new.append(group_of(k))
     report.new_modules = new
     return report
@@ -132,8 +131,10 @@ def imagenet_resnet18_state_dict(progress: bool = False) -> dict:
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), progress=progress)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+            digest = torch.hub.HASH_REGEX.search(path.name)  # torchvision names files <name>-<sha256 prefix>.pth
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=digest.group(1) if digest else None,
+                                           progress=progress)
+        except Exception as e:  # URLError, OSError, a hash mismatch, a truncated read: all mean "not available"
             reason = getattr(e, "reason", None) or e
             raise WeightsError(
                 f"model.pretrained: ImageNet weights are not cached at {path} and the download failed "

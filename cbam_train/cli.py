@@ -7,6 +7,7 @@ import io
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +26,7 @@ def find_conf_dir() -> Path:
     raise FileNotFoundError(f"cbam-train: config folder not found next to {here}; reinstall the package")
 
 
-def fail(msg: str, code: int = 2) -> None:
+def fail(msg: str, code: int = 2) -> NoReturn:
     """Print one red line to stderr and exit."""
     from rich.console import Console
     from rich.text import Text
@@ -55,12 +56,21 @@ def _hydra_main(dcfg: DictConfig) -> None:
             fail(f"config: {e.full_key} is required; set {e.full_key}=...")
         except OmegaConfBaseException as e:
             fail(f"config: {condense_hydra_error(str(e))}")
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
         if cfg.task == "train":
             from cbam_train.train import run
 
-            run(cfg, Path(HydraConfig.get().runtime.output_dir), OmegaConf.to_yaml(dcfg))
+            run(cfg, run_dir, record)
+        elif cfg.task == "bench":
+            from cbam_train.bench import run_bench
+
+            run_bench(cfg, run_dir, record)
     except UserError as e:
         fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
     except Exception as e:  # training failures we raise on purpose carry an exit code; anything else is a bug
         if hasattr(e, "exit_code"):
             fail(str(e), e.exit_code)

@@ -52,7 +52,9 @@ class DataConfig:
     limit: Optional[int] = None  # use at most this many training images (stratified), after the val split
     batch_size: int = 64
     eval_batch_size: int = 512
-    num_workers: int = 4
+    loader: str = "auto"  # memory: uint8 tensor on the device + batched augmentation | torchvision | auto
+    memory_budget_mb: int = 4096  # auto picks memory when the decoded splits fit in this
+    num_workers: int = 4  # torchvision loader only
     mean: Optional[List[float]] = None  # per-channel, in [0, 1]; null: measured on the train split
     std: Optional[List[float]] = None
 
@@ -115,17 +117,31 @@ class OptimConfig:
     nesterov: bool = False  # sgd
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     eps: float = 1e-8  # adam
+    fused: Optional[bool] = None  # fused kernels; null: on CUDA
 
 
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32: autocast dtype
+    channels_last: Optional[bool] = None  # null: on CUDA only
+    compile: bool = False  # torch.compile the model, recompiled at each stage boundary
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_backend: str = "inductor"  # inductor | aot_eager (debugging) | eager
+    cudnn_benchmark: bool = True  # CUDA only
 
 
 @dataclass
 class LogConfig:
     mode: str = "auto"  # auto: rich on a terminal, plain otherwise | rich | plain | quiet
     every_n_steps: int = 50  # plain mode: one line every N batches; also how often the bar syncs
+
+
+@dataclass
+class BenchConfig:
+    seconds: float = 5.0  # timing budget per measurement, after warm-up
+    warmup_steps: int = 3
+    max_steps: int = 200  # per measurement, whichever comes first
 
 
 @dataclass
@@ -137,16 +153,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
     seed: int = 0
-    task: str = "train"  # train (eval and bench are reserved)
+    task: str = "train"  # train | bench (eval is reserved)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train",)
-RESERVED_TASKS = ("eval", "bench")
+TASKS = ("train", "bench")
+RESERVED_TASKS = ("eval",)
 
 
 def register_configs() -> None:
@@ -170,7 +187,7 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 def validate(cfg: Config) -> Config:
     """Check what the types cannot (choices, ranges); raise ConfigError naming the key."""
     if cfg.task in RESERVED_TASKS:
-        raise ConfigError(f"task={cfg.task} is reserved and not implemented in this version; use task=train")
+        raise ConfigError(f"task={cfg.task} is reserved and not implemented in this version; use task=train or bench")
     _choice("task", cfg.task, TASKS)
     m = cfg.model
     _choice("model.name", m.name, ("resnet18_cbam",))
@@ -186,6 +203,8 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "eval_batch_size", "image_size", "num_classes", "train_size", "test_size"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.val_size", d.val_size, strict=False)
+    _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
+    _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
     _positive("data.num_workers", d.num_workers, strict=False)
     if d.limit is not None:
         _positive("data.limit", d.limit)
@@ -195,6 +214,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
     if d.std is not None and min(d.std) <= 0:
         raise ConfigError(f"data.std values must be > 0, got {list(d.std)}")
+    if d.name == "cifar10" and d.image_size != 32:
+        raise ConfigError(f"data.image_size={d.image_size}: CIFAR-10 images are 32x32; use data.image_size=32")
     if d.name in ("cifar10", "imagefolder") and not d.root:
         raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
     a = cfg.augment
@@ -217,13 +238,24 @@ def validate(cfg: Config) -> Config:
     o = cfg.optim
     _choice("optim.name", o.name, ("adam", "sgd"))
     _positive("optim.weight_decay", o.weight_decay, strict=False)
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas needs 2 values, got {list(o.betas)}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas needs 2 values in [0, 1), got {list(o.betas)}")
+    _positive("optim.eps", o.eps)
+    _positive("optim.momentum", o.momentum, strict=False)
+    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     dev = cfg.device.name
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device.name: unknown value {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+    _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+    _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
+    _positive("bench.seconds", cfg.bench.seconds)
+    _positive("bench.max_steps", cfg.bench.max_steps)
+    _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
     _positive("log.every_n_steps", cfg.log.every_n_steps)
     if cfg.lr is not None:
         _positive("lr", cfg.lr)
+    _positive("seed", cfg.seed, strict=False)
     return cfg

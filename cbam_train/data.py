@@ -8,35 +8,44 @@ from __future__ import annotations
 
 import io
 import pickle
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cbam_train.config import UserError
+from cbam_train.imagefolder import DataError, file_loader, scan_image_folder  # noqa: F401 (re-exported)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST = ["test_batch"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-class DataError(UserError):
-    """The data is missing, empty or unreadable."""
 
 
 class ImageDataset(Dataset):
-    """Images by index (uint8 (3, H, W)) with int labels, through an optional transform."""
+    """Images by index (uint8 (3, H, W)) with int labels, through an optional transform.
+
+    `take(indices)` returns many images at once as one uint8 (N, 3, H, W) tensor (for the in-memory
+    loader); by default it stacks `load`.
+    """
 
     def __init__(self, load: Callable[[int], torch.Tensor], labels: np.ndarray, indices: np.ndarray,
-                 transform: Optional[Callable] = None) -> None:
-        self.load, self.labels, self.indices, self.transform = load, labels, indices, transform
+                 transform: Optional[Callable] = None,
+                 take: Optional[Callable[[np.ndarray], torch.Tensor]] = None) -> None:
+        self.load, self.labels, self.indices, self.transform, self.take = load, labels, indices, transform, take
+
+    def materialize(self) -> tuple:
+        """(uint8 images (N, 3, H, W), int64 labels (N,)) of this split, in index order."""
+        images = (self.take(self.indices) if self.take is not None
+                  else torch.stack([self.load(int(i)) for i in self.indices]))
+        return images, torch.from_numpy(self.labels[self.indices])
+
+    def nbytes(self) -> int:
+        """Decoded size of this split in bytes (from one image)."""
+        return len(self) * (self.load(int(self.indices[0])).numel() if len(self) else 0)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -141,7 +150,7 @@ def load_cifar10(root: str, download: bool) -> tuple:
         from torchvision.datasets.utils import download_and_extract_archive
         try:
             download_and_extract_archive(CIFAR10_URL, str(root), filename="cifar-10-python.tar.gz", md5=CIFAR10_MD5)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
+        except Exception as e:  # URLError, OSError, md5 mismatch, truncated tar: all mean "not available"
             reason = getattr(e, "reason", None) or e
             raise DataError(f"data=cifar10: could not download CIFAR-10 to {root} ({reason}); {hint}") from None
     parts = [_read_cifar_batch(base / f) for f in CIFAR10_TRAIN]
@@ -157,46 +166,6 @@ def load_cifar10(root: str, download: bool) -> tuple:
         except Exception:  # the metadata only names classes; the defaults are CIFAR-10's own
             pass
     return tx, ty, sx, sy, classes
-
-
-# ---------------------------------------------------------------- image folders
-
-def scan_image_folder(split_dir: Path) -> tuple:
-    """(paths, labels, classes, n_ignored) for split_dir/<class>/<image>; classes sorted by name."""
-    if not split_dir.is_dir():
-        raise DataError(f"data=imagefolder: {split_dir} not found; expected {split_dir}/<class>/<images>")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"data=imagefolder: {split_dir} has no class folders; expected {split_dir}/<class>/<images>")
-    paths, labels, ignored = [], [], 0
-    for label, c in enumerate(classes):
-        files = sorted(p for p in (split_dir / c).rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        ignored += len(files) - len(images)
-        if not images:
-            raise DataError(f"data=imagefolder: class folder {split_dir / c} has no images "
-                            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
-        paths += images
-        labels += [label] * len(images)
-    return paths, np.asarray(labels, dtype=np.int64), classes, ignored
-
-
-def file_loader(paths: Sequence[Path], image_size: int) -> Callable[[int], torch.Tensor]:
-    """Decode path i to uint8 (3, S, S): RGB, shorter side resized to S and centre-cropped if needed."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
-    def load(i: int) -> torch.Tensor:
-        try:
-            with Image.open(paths[i]) as im:
-                img = F.pil_to_tensor(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"data=imagefolder: cannot read image {paths[i]} ({e})") from None
-        if img.shape[1:] != (image_size, image_size):
-            img = F.center_crop(F.resize(img, image_size, antialias=True), [image_size, image_size])
-        return img
-
-    return load
 
 
 # ---------------------------------------------------------------- synthetic
@@ -228,8 +197,17 @@ def channel_stats(images: torch.Tensor) -> tuple:
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-def _tensor_loader(images: torch.Tensor) -> Callable[[int], torch.Tensor]:
-    return lambda i: images[i]
+class TensorImages:
+    """Images held in one uint8 tensor (N, 3, H, W); a picklable `load` (and `take`) for DataLoader workers."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return self.images[torch.as_tensor(idx, dtype=torch.long)]
 
 
 def build_splits(cfg, seed: int, num_classes: int, warn: Callable[[str], None] = lambda s: None) -> DataSplits:
@@ -237,30 +215,32 @@ def build_splits(cfg, seed: int, num_classes: int, warn: Callable[[str], None] =
     test = None
     if cfg.name == "cifar10":
         tx, ty, sx, sy, classes = load_cifar10(cfg.root, cfg.download)
-        train_load, labels = _tensor_loader(torch.from_numpy(tx)), ty
-        test = ImageDataset(_tensor_loader(torch.from_numpy(sx)), sy, np.arange(len(sy)))
-        sample = lambda idx: torch.from_numpy(tx[idx])  # noqa: E731
+        x, labels = torch.from_numpy(tx), ty
+        train_load = TensorImages(x)
+        take, test_images = train_load.take, TensorImages(torch.from_numpy(sx))
+        test = ImageDataset(test_images, sy, np.arange(len(sy)), take=test_images.take)
     elif cfg.name == "synthetic":
         x, labels = make_synthetic(cfg.train_size, cfg.num_classes, cfg.image_size, seed, seed + 1)
         sx, sy = make_synthetic(cfg.test_size, cfg.num_classes, cfg.image_size, seed, seed + 2)
-        train_load, classes = _tensor_loader(x), [f"class{i}" for i in range(cfg.num_classes)]
-        test = ImageDataset(_tensor_loader(sx), sy, np.arange(len(sy)))
-        sample = lambda idx: x[idx]  # noqa: E731
+        train_load, test_images = TensorImages(x), TensorImages(sx)
+        take, classes = train_load.take, [f"class{i}" for i in range(cfg.num_classes)]
+        test = ImageDataset(test_images, sy, np.arange(len(sy)), take=test_images.take)
     elif cfg.name == "imagefolder":
         root = Path(cfg.root)
         if not root.is_dir():
             raise DataError(f"data.root={cfg.root}: folder not found")
         paths, labels, classes, ignored = scan_image_folder(root / "train")
         train_load = file_loader(paths, cfg.image_size)
+        take = train_load.take
         if (root / "test").is_dir():
             tpaths, tlabels, tclasses, tignored = scan_image_folder(root / "test")
             if tclasses != classes:
                 raise DataError(f"data=imagefolder: {root / 'test'} classes {tclasses} differ from train's {classes}")
-            test = ImageDataset(file_loader(tpaths, cfg.image_size), tlabels, np.arange(len(tlabels)))
+            tload = file_loader(tpaths, cfg.image_size)
+            test = ImageDataset(tload, tlabels, np.arange(len(tlabels)), take=tload.take)
             ignored += tignored
         if ignored:
             warn(f"data=imagefolder: ignored {ignored} non-image file(s) under {root}")
-        sample = lambda idx: torch.stack([train_load(int(i)) for i in idx])  # noqa: E731
     else:
         raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose one of: cifar10, imagefolder, synthetic")
     if len(classes) != num_classes:
@@ -272,9 +252,10 @@ def build_splits(cfg, seed: int, num_classes: int, warn: Callable[[str], None] =
         mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:  # measure on up to 2,000 training images (deterministic sample)
         pick = np.sort(np.random.default_rng(seed).permutation(train_idx)[:2000])
-        mean, std = channel_stats(sample(pick))
+        mean, std = channel_stats(take(pick))
         mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
-    return DataSplits(train=ImageDataset(train_load, labels, train_idx), val=ImageDataset(train_load, labels, val_idx),
+    return DataSplits(train=ImageDataset(train_load, labels, train_idx, take=take),
+                      val=ImageDataset(train_load, labels, val_idx, take=take),
                       test=test, classes=classes, mean=mean, std=std)
 
 
@@ -283,4 +264,5 @@ def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int
     """A DataLoader; the training one shuffles with its own seeded generator (reproducible order)."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, generator=g,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      drop_last=train and len(ds) % batch_size == 1)  # BatchNorm cannot train on a batch of one

@@ -17,9 +17,6 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-MODES = ("auto", "rich", "plain", "quiet")
-
-
 def resolve_mode(mode: str, stream=None) -> str:
     """auto -> rich on a terminal, plain when captured (CI, pipes, files)."""
     stream = stream or sys.stdout
@@ -41,10 +38,9 @@ def fmt_lr(lr: float) -> str:
 class Reporter:
     """Everything the run shows or writes about itself; one instance per run."""
 
-    def __init__(self, run_dir: Path, mode: str = "auto", every_n_steps: int = 50) -> None:
+    def __init__(self, run_dir: Path, mode: str = "auto") -> None:
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(mode)
-        self.every_n_steps = every_n_steps
         plain = self.mode != "rich"
         # markup=False everywhere: messages contain [brackets] (stage names, override lists) that must print as-is
         self.console = Console(highlight=False, markup=False, no_color=plain, force_terminal=False if plain else None,
@@ -98,7 +94,8 @@ class Reporter:
     # -- per batch
     @contextmanager
     def progress(self, total: int, desc: str) -> Iterator:
-        """Yields update(step, seen, loss, acc, img_per_s); rich draws a bar, plain prints every N steps."""
+        """Yields update(step, stats=None): rich advances a bar (and shows stats when given); plain and the log
+        print a line whenever stats are given (the loop passes them every log.every_n_steps)."""
         if self.mode == "rich":
             cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[stats]}")]

@@ -71,12 +71,18 @@ def _matches(param: str, entry: str) -> bool:
 def check_trainable(model: nn.Module, stages: Mapping) -> None:
     """Fail at start-up, naming the stage and the valid names, if a trainable entry matches nothing."""
     params = [n for n, _ in model.named_parameters()]
-    known = ", ".join([n for n in module_names(model) if n != "cbam"] + list(SPECIAL))
+    has_cbam = any(_matches(p, "cbam") for p in params)
+    known = ", ".join([n for n in module_names(model) if n != "cbam"] + ["all"] + (["cbam"] if has_cbam else []))
     for stage_name, st in stages.items():
         for entry in st.trainable:
-            if entry in SPECIAL or any(_matches(p, entry) for p in params):
+            if entry == "all" or (entry == "cbam" and has_cbam) or any(_matches(p, entry) for p in params):
+                continue
+            if entry == "cbam":  # the seed schedule names cbam; with CBAM off it simply selects nothing
                 continue
             raise ConfigError(f"schedule.stages.{stage_name}.trainable: unknown module {entry!r}; known: {known}")
+        if not trainable_parameters(model, st.trainable):
+            raise ConfigError(f"schedule.stages.{stage_name}.trainable={list(st.trainable)} selects no parameters "
+                              f"of this model (model.cbam.enabled=false?); known: {known}")
 
 
 def trainable_parameters(model: nn.Module, trainable: Iterable[str]) -> list:

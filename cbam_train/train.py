@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -15,16 +16,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbam_train.augment import build_eval_transform, build_train_transform
 from cbam_train.checkpoint import atomic_save, load_initial_weights, load_state_dict_file, load_strict
 from cbam_train.config import Config, UserError
-from cbam_train.data import build_splits, make_loader
+from cbam_train.data import build_splits
+from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.report import Reporter
-from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, resolve_stages,
+from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, module_names, resolve_stages,
                                  trainable_parameters)
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt")
+RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log")
+
+
+@dataclass
+class Amp:
+    """How a step runs: autocast dtype (None: fp32), fp16 loss scaler, memory format of the inputs."""
+
+    name: str = "fp32"
+    dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+def resolve_amp(cfg, device: torch.device) -> Amp:
+    """device.precision / device.channels_last for this device (auto: bf16 + channels_last on CUDA)."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    return Amp(precision, dtype, scaler, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def compile_for_stage(model: nn.Module, cfg) -> nn.Module:
+    """torch.compile afresh for a stage: guards do not track requires_grad changes (pytorch#139476),
+    so a graph compiled while a layer was frozen would keep skipping its gradients."""
+    torch._dynamo.reset()
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                         backend=cfg.compile_backend)
 
 
 class TrainingError(Exception):
@@ -34,17 +64,22 @@ class TrainingError(Exception):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def resolve_device(name: str) -> torch.device:
+    """device.name -> torch.device; auto picks CUDA when available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device.name={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def available_cpus() -> int:
@@ -53,30 +88,41 @@ def available_cpus() -> int:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg, lr: float) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the given (trainable) parameters."""
+    """A fresh optimizer over exactly the given (trainable) parameters; fused kernels on CUDA by default."""
     params = list(params)
+    on_cuda = bool(params) and params[0].is_cuda
+    fused = cfg.fused if cfg.fused is not None else (True if on_cuda else None)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                fused=fused)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    raise UserError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of: adam, sgd")
+                               weight_decay=cfg.weight_decay, fused=fused)
+    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # validate() rejects it before this
 
 
 def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device,
-                    on_step: Callable, every_n_steps: int, where: str) -> dict:
+                    on_step: Callable, every_n_steps: int, where: str, amp: Optional[Amp] = None) -> dict:
     """One pass over the loader. Loss/accuracy sums stay on the device; the host syncs every N steps."""
+    amp = amp or Amp()
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, t0 = 0, time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if amp.scaler is not None:
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(opt)
+            amp.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
@@ -89,23 +135,24 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
                            "img_per_s": seen / (time.perf_counter() - t0)})
         else:
             on_step(step)
-    if seen == 0:
-        raise UserError("the training split is empty; check data.limit and data.val_size")
     return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "n": seen,
             "time_s": time.perf_counter() - t0}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] = None) -> dict:
     """Mean loss and accuracy over a loader, model in eval mode."""
+    amp = amp or Amp()
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += y.shape[0]
     if n == 0:
@@ -113,10 +160,10 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path, files: tuple = RUN_FILES) -> None:
     """Refuse to write into a folder that already holds a run's results (never overwrite them)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    taken = [f for f in RUN_FILES if (run_dir / f).exists()]
+    taken = [f for f in files + (".hydra",) if (run_dir / f).exists()]
     if taken:
         raise UserError(f"run dir {run_dir} already holds a run ({', '.join(taken)}); "
                         "choose another with hydra.run.dir=PATH")
@@ -128,84 +175,115 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(f"run dir {run_dir} is not writable ({e.strerror}); choose another with hydra.run.dir=PATH")
 
 
-def run(cfg: Config, run_dir: Path, config_yaml: str = "") -> dict:
-    """The staged run: validate, build, train each selected stage, evaluate, write the outputs."""
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)  # config errors before any work
+def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES) -> tuple:
+    """Everything that can fail fast, before any data is read: (stages, device, model, reporter).
+
+    Only after the run dir is known to be free is anything written into it (the config record in .hydra/).
+    """
+    stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)
     device = resolve_device(cfg.device.name)
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise UserError(f"init_from: file not found: {cfg.init_from}")
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
-    check_run_dir(run_dir)
-    rep = Reporter(run_dir, cfg.log.mode, cfg.log.every_n_steps)
+    check_run_dir(run_dir, required)
+    for name, text in (record or {}).items():
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / name).write_text(text)
+    return stages, device, model, Reporter(run_dir, cfg.log.mode)
+
+
+def run(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
+    """The staged run: validate, build, train each selected stage, evaluate, write the outputs."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    stages, device, model, rep = start_run(cfg, run_dir, record)
     try:
-        return _run(cfg, run_dir, config_yaml, stages, model, device, rep, t_start)
+        return _run(cfg, run_dir, (record or {}).get("config.yaml", ""), stages, model, device, rep, t_start)
+    except (UserError, TrainingError) as e:
+        rep.log.print(f"error: {e}")  # the console gets it from the CLI; the log must say why the run stopped
+        raise
     finally:
         rep.close()
+
+
+def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> None:
+    """model.weights / model.pretrained, then init_from; report new modules and warn once about frozen ones."""
+    if cfg.init_from:  # every tensor comes from init_from: the ImageNet / model.weights file is not needed
+        load_strict(model, load_state_dict_file(cfg.init_from, "init_from"), f"init_from={cfg.init_from}")
+        rep.print(f"weights: all tensors from init_from={cfg.init_from}")
+        return
+    loaded = load_initial_weights(model, cfg.model.weights, cfg.model.pretrained)
+    new_modules = module_names(model)
+    if loaded is not None:
+        source = cfg.model.weights or "ImageNet (torchvision IMAGENET1K_V1)"
+        new_modules = loaded.new_modules
+        rep.print(f"weights: {len(loaded.loaded)} tensors from {source}; newly initialised: "
+                  f"{', '.join(new_modules) or 'none'}")
+    frozen_new = frozen_new_modules(stages, new_modules, model)
+    if frozen_new:
+        first = stages[0]
+        what = "; ".join(f"{s}: {', '.join(m)}" for s, m in frozen_new.items())
+        add = [m for m in next(iter(frozen_new.values())) if m not in first.trainable]
+        if "conv1" in add and "bn1" not in add + list(first.trainable):
+            add.append("bn1")  # loaded bn1 statistics describe the old stem's output, not the new conv1's
+        rep.warn(f"stages keep newly initialised (random) modules frozen ({what}); consider training them from the "
+                 f"first stage: schedule.stages.{first.name}.trainable=[{','.join(list(first.trainable) + add)}]")
+
+
+def prepare_data(cfg: Config, device: torch.device, rep: Reporter) -> tuple:
+    """(splits, loaders): the data split and loaded into the configured kind of loader."""
+    splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
+    workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
+    t0 = time.perf_counter()
+    loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers)
+    how = (f"in {device.type} memory (loaded in {time.perf_counter() - t0:.1f} s), batched augmentation"
+           if loaders.kind == "memory" else f"torchvision DataLoader, {workers} worker(s)")
+    rep.print(f"data: {cfg.data.name} | train {len(splits.train)} | val {len(splits.val)} | "
+              f"test {len(splits.test) if splits.test is not None else 'none'} | classes {len(splits.classes)} | "
+              f"{how}")
+    return splits, loaders
+
+
+def stage_table_rows(model: nn.Module, stages: list) -> list:
+    rows = []
+    for st in stages:
+        names = set(trainable_parameters(model, st.trainable))
+        rows.append({"index": st.index, "name": st.name, "epochs": st.epochs, "lr": st.lr,
+                     "trainable": list(st.trainable),
+                     "trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in names),
+                     "first_epoch": st.first_epoch, "last_epoch": st.first_epoch + st.epochs - 1})
+    return rows
 
 
 def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.Module, device: torch.device,
          rep: Reporter, t_start: float) -> dict:
     if config_yaml:
         rep.config(config_yaml)
-
-    splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
-    splits.train.transform = build_train_transform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
-    eval_tf = build_eval_transform(splits.mean, splits.std)
-    splits.val.transform = eval_tf
-    if splits.test is not None:
-        splits.test.transform = eval_tf
-    rep.print(f"data: {cfg.data.name} | train {len(splits.train)} | val {len(splits.val)} | "
-              f"test {len(splits.test) if splits.test is not None else 'none'} | classes {len(splits.classes)}")
-
-    loaded = load_initial_weights(model, cfg.model.weights, cfg.model.pretrained)
-    new_modules = [n for n, _ in model.named_children() if any(True for _ in _.parameters())]
-    if loaded is not None:
-        source = cfg.model.weights or "ImageNet (torchvision IMAGENET1K_V1)"
-        new_modules = loaded.new_modules
-        rep.print(f"weights: {len(loaded.loaded)} tensors from {source}; newly initialised: "
-                  f"{', '.join(new_modules) or 'none'}")
-    if cfg.init_from:
-        load_strict(model, load_state_dict_file(cfg.init_from, "init_from"), f"init_from={cfg.init_from}")
-        new_modules = []
-        rep.print(f"weights: all tensors from init_from={cfg.init_from}")
-    frozen_new = frozen_new_modules(stages, new_modules, model)
-    if frozen_new:
-        first = stages[0]
-        what = "; ".join(f"{s}: {', '.join(m)}" for s, m in frozen_new.items())
-        rep.warn(f"stages keep newly initialised (random) modules frozen ({what}); consider adding them to the "
-                 f"first stage, e.g. schedule.stages.{first.name}.trainable=[{','.join(first.trainable)},conv1,bn1]")
-
-    pin = device.type == "cuda"
-    workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
-    if workers < cfg.data.num_workers:
-        rep.print(f"data: {workers} loader workers (data.num_workers={cfg.data.num_workers}, {workers} CPUs)")
-    train_loader = make_loader(splits.train, cfg.data.batch_size, True, workers, cfg.seed, pin)
-    val_loader = make_loader(splits.val, cfg.data.eval_batch_size, False, workers, cfg.seed, pin)
-    model.to(device)
-
-    stage_rows = []
-    for st in stages:
-        names = set(trainable_parameters(model, st.trainable))
-        n_params = sum(p.numel() for n, p in model.named_parameters() if n in names)
-        stage_rows.append({"index": st.index, "name": st.name, "epochs": st.epochs, "lr": st.lr,
-                           "trainable": list(st.trainable), "trainable_params": n_params,
-                           "first_epoch": st.first_epoch, "last_epoch": st.first_epoch + st.epochs - 1})
+    splits, loaders = prepare_data(cfg, device, rep)
+    load_weights(cfg, model, stages, rep)
+    amp = resolve_amp(cfg.device, device)
+    model.to(device, memory_format=amp.memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
+    stage_rows = stage_table_rows(model, stages)
     rep.stage_table(stage_rows)
 
     best_val, last_val, epochs_run = None, None, 0
     for st in stages:
         params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
         opt = build_optimizer(params, cfg.optim, st.lr)
+        step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
         rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
                    f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
         for e in range(st.epochs):
             epoch = st.first_epoch + e
             where = f"epoch {epoch} ({st.name})"
-            with rep.progress(len(train_loader), where) as on_step:
-                tr = train_one_epoch(model, train_loader, opt, device, on_step, cfg.log.every_n_steps, where)
-            va = evaluate(model, val_loader, device)
+            with rep.progress(len(loaders.train), where) as on_step:
+                tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps, where,
+                                     amp)
+            va = evaluate(model, loaders.val, device, amp)
             epochs_run += 1
             last_val = va["acc"]
             if va["acc"] is not None and (best_val is None or va["acc"] > best_val):
@@ -215,16 +293,14 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.M
                        "val_acc": va["acc"], "epoch_time_s": round(tr["time_s"], 4),
                        "train_images_per_s": round(tr["n"] / tr["time_s"], 2)})
 
-    test = None
-    if splits.test is not None:
-        test = evaluate(model, make_loader(splits.test, cfg.data.eval_batch_size, False, workers, cfg.seed, pin),
-                        device)
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+    test = evaluate(model, loaders.test, device, amp) if loaders.test is not None else None
+    atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.pt")
     summary = {"final_val_acc": last_val, "best_val_acc": best_val,
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
                "epochs_run": epochs_run, "wall_time_s": round(time.perf_counter() - t_start, 3),
                "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
                           for r in stage_rows],
-               "device": str(device), "classes": splits.classes, "config": dataclasses.asdict(cfg)}
+               "device": str(device), "loader": loaders.kind, "precision": amp.name,
+               "classes": splits.classes, "config": dataclasses.asdict(cfg)}
     rep.summary(summary)
     return summary

@@ -4,7 +4,6 @@ import os
 import pickle
 import stat
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +361,11 @@ def test_weights_file_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(WeightsError, match="no tensor in .* matches this model.*encoder.weight"):
         load_initial_weights(model, str(tmp_path / "other.pt"), pretrained=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_files_without_num_batches_tracked_do_not_count_layers_as_new():
+    """Older ResNet files (e.g. resnet18-5c106cde.pth) have no num_batches_tracked buffers."""
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    report = load_matching(ResNetCBAM(num_classes=10, stem="cifar"), state)
+    assert sorted(report.new_modules) == ["cbam", "conv1", "fc"]

@@ -576,3 +576,12 @@ def test_make_loader_train_order_reproducible_per_seed():
     la, lb = make_loader(ds, 8, True, 0, seed=2), make_loader(ds, 8, True, 0, seed=2)
     ea, eb = [_order(la) for _ in range(2)], [_order(lb) for _ in range(2)]
     assert ea == eb and ea[0] != ea[1]
+
+
+def test_training_loader_drops_a_last_batch_of_one():
+    """BatchNorm cannot train on one sample (1x1 maps in layer4): such a remainder is dropped, others kept."""
+    labels = np.zeros(9, dtype=np.int64)
+    ds = ImageDataset(lambda i: torch.zeros(3, 2, 2, dtype=torch.uint8), labels, np.arange(9))
+    assert [len(y) for _, y in make_loader(ds, 4, True, 0, 0)] == [4, 4]
+    assert [len(y) for _, y in make_loader(ds, 4, False, 0, 0)] == [4, 4, 1]  # evaluation sees every image
+    assert [len(y) for _, y in make_loader(ds, 5, True, 0, 0)] == [5, 4]

@@ -273,3 +273,12 @@ def test_build_optimizer_gets_exactly_the_params_and_lr(model, make_cfg, seed_st
         assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 5e-4)
     else:
         assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+
+
+def test_a_stage_that_selects_nothing_is_refused_at_start_up(make_cfg):
+    cfg = make_cfg(["model.cbam.enabled=false", "schedule.stages.head.trainable=[cbam]"])
+    model = ResNetCBAM(cbam_enabled=False)
+    with pytest.raises(ConfigError, match=r"schedule.stages.head.trainable=\['cbam'\] selects no parameters"):
+        check_trainable(model, cfg.schedule.stages)
+    # the seed schedule names cbam beside other modules: still fine without CBAM
+    check_trainable(model, make_cfg(["model.cbam.enabled=false"]).schedule.stages)

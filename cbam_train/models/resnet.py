@@ -22,8 +22,7 @@ BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet18
 class CBAMBasicBlock(BasicBlock):
     """torchvision's BasicBlock with CBAM applied to the residual branch before the addition."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 cbam: Optional[CBAM] = None) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: Optional[nn.Module], cbam: CBAM) -> None:
         super().__init__(inplanes, planes, stride, downsample)
         self.cbam = cbam
 

@@ -1,0 +1,186 @@
+"""`cbam-train task=bench`: throughput of each part of a training step with the composed config."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from cbam_train.config import Config
+from cbam_train.report import Reporter, write_json_atomic
+from cbam_train.schedule import apply_stage
+from cbam_train.train import (build_optimizer, compile_for_stage, evaluate, prepare_data, resolve_amp, start_run,
+                              train_one_epoch)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_s(step: Callable[[], int], device: torch.device, warmup: int, seconds: float, max_steps: int) -> float:
+    """Images/s of `step` (returns the images it processed) after `warmup` calls, within a time/step budget."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, steps, images = time.perf_counter(), 0, 0
+    while steps < max_steps and time.perf_counter() - t0 < seconds:
+        images += step()
+        steps += 1
+    _sync(device)
+    return images / (time.perf_counter() - t0)
+
+
+class _Batches:
+    """A loader of exactly n batches, cycling through `source` (for timing train_one_epoch)."""
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(itertools.cycle(self.source), self.n)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def run_bench(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
+    """Measure augmentation, the input pipeline, training per stage, a bare step loop and evaluation."""
+    run_dir = Path(run_dir)
+    stages, device, model, rep = start_run(cfg, run_dir, record, required=("bench.json",))
+    try:
+        return _bench(cfg, run_dir, stages, model, device, rep)
+    finally:
+        rep.close()
+
+
+def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, device: torch.device,
+           rep: Reporter) -> dict:
+    b = cfg.bench
+    budget = dict(device=device, warmup=b.warmup_steps, seconds=b.seconds, max_steps=b.max_steps)
+    splits, loaders = prepare_data(cfg, device, rep)
+    amp = resolve_amp(cfg.device, device)
+    model.to(device, memory_format=amp.memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
+        torch.cuda.reset_peak_memory_stats(device)
+    bs = cfg.data.batch_size
+    out: dict = {"device": str(device), "device_name": _device_name(device), "precision": amp.name,
+                 "channels_last": amp.memory_format == torch.channels_last, "compile": cfg.device.compile,
+                 "loader": loaders.kind, "batch_size": bs, "eval_batch_size": cfg.data.eval_batch_size,
+                 "train_images": len(splits.train), "torch": torch.__version__,
+                 "date": dt.date.today().isoformat()}
+
+    augment_rate: Optional[float] = None
+    if loaders.augment is not None:  # the batched augmentation alone, on uint8 batches already on the device
+        x = loaders.train.images[:bs]
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        augment_rate = images_per_s(lambda: loaders.augment(x, gen).shape[0], **budget)
+    out["augment_images_per_s"] = augment_rate
+
+    it = iter(loaders.train)
+
+    def next_batch():  # endless batches: a new epoch (new order, new augmentation draws) when one ends
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loaders.train)
+            return next(it)
+
+    def load_one() -> int:
+        x, y = next_batch()
+        x.to(device, non_blocking=True)
+        return y.shape[0]
+
+    out["loader_images_per_s"] = images_per_s(load_one, **budget)
+
+    # a fixed set of ready batches, so training and the bare loop see identical work
+    ready = [tuple(t.to(device) for t in next_batch()) for _ in range(min(8, len(loaders.train)))]
+    out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
+    for st in stages:
+        params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
+        step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
+        opt = build_optimizer(params, cfg.optim, st.lr)
+        n_steps = max(1, b.max_steps)
+
+        def loop_step() -> int:  # the real training loop over ready batches, steps measured in chunks
+            r = train_one_epoch(step_model, _Batches(ready, len(ready)), opt, device, lambda *a, **k: None,
+                                10**9, "bench", amp)
+            return r["n"]
+
+        def bare_step() -> int:  # forward/backward/step only, same batches
+            n = 0
+            step_model.train()
+            for x, y in ready:
+                x = x.contiguous(memory_format=amp.memory_format)
+                with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+                    loss = F.cross_entropy(step_model(x), y)
+                opt.zero_grad(set_to_none=True)
+                if amp.scaler is not None:
+                    amp.scaler.scale(loss).backward()
+                    amp.scaler.step(opt)
+                    amp.scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                n += y.shape[0]
+            return n
+
+        # alternate the two measurements over a few rounds and keep each one's best, so that noise from
+        # other processes or one-time costs (optimizer state, allocator growth) does not land on one side
+        rounds = 3
+        chunk = dict(budget, seconds=b.seconds / rounds, max_steps=max(1, n_steps // (len(ready) * rounds)), warmup=0)
+        bare_step()  # warm-up: first-step allocations, optimizer state, (compilation)
+        loop_rates, bare_rates = [], []
+        for _ in range(rounds):
+            loop_rates.append(images_per_s(loop_step, **chunk))
+            bare_rates.append(images_per_s(bare_step, **chunk))
+        out["train_images_per_s"][st.name] = max(loop_rates)
+        out["bare_step_images_per_s"][st.name] = max(bare_rates)
+    last = stages[-1].name
+    out["loop_overhead_pct"] = 100 * (out["bare_step_images_per_s"][last] / out["train_images_per_s"][last] - 1)
+
+    eval_batches = _Batches(loaders.val, len(loaders.val))
+    out["eval_images_per_s"] = images_per_s(lambda: evaluate(model, eval_batches, device, amp)["n"],
+                                            **dict(budget, warmup=1, max_steps=max(1, b.max_steps // 20)))
+    out["peak_memory_mb"], out["peak_memory_kind"] = _peak_memory_mb(device)
+    write_json_atomic(run_dir / "bench.json", out)
+    _print_table(rep, out)
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _print_table(rep: Reporter, r: dict) -> None:
+    t = Table(title=f"bench: {r['device_name']}, {r['precision']}, batch {r['batch_size']}, {r['loader']} loader")
+    t.add_column("measure")
+    t.add_column("images/s", justify="right")
+    fmt = (lambda v: "n/a" if v is None else f"{v:,.0f}")
+    t.add_row("augmentation alone", fmt(r["augment_images_per_s"]))
+    t.add_row("input pipeline (ready batches on the device)", fmt(r["loader_images_per_s"]))
+    for name, v in r["train_images_per_s"].items():
+        t.add_row(f"training loop, stage '{name}'", fmt(v))
+        t.add_row(f"bare forward/backward/step, stage '{name}'", fmt(r["bare_step_images_per_s"][name]))
+    t.add_row("evaluation", fmt(r["eval_images_per_s"]))
+    t.add_row(f"peak memory ({r['peak_memory_kind']})", f"{r['peak_memory_mb']:,.0f} MB")
+    t.add_row("loop overhead vs bare steps", f"{r['loop_overhead_pct']:+.1f}%")
+    rep.print(t, quiet_too=True)

@@ -1,0 +1,122 @@
+"""Image folders: root/<split>/<class>/<image>, decoded to uint8 (3, S, S), with an on-disk cache of
+the decoded split for the in-memory loader."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from cbam_train.config import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(UserError):
+    """The data is missing, empty or unreadable."""
+
+
+def scan_image_folder(split_dir: Path) -> tuple:
+    """(paths, labels, classes, n_ignored) for split_dir/<class>/<image>; classes sorted by name."""
+    if not split_dir.is_dir():
+        raise DataError(f"data=imagefolder: {split_dir} not found; expected {split_dir}/<class>/<images>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"data=imagefolder: {split_dir} has no class folders; expected {split_dir}/<class>/<images>")
+    paths, labels, ignored = [], [], 0
+    for label, c in enumerate(classes):
+        files = sorted(p for p in (split_dir / c).rglob("*")  # hidden files and folders (.ipynb_checkpoints) skipped
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(split_dir).parts))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        ignored += len(files) - len(images)
+        if not images:
+            raise DataError(f"data=imagefolder: class folder {split_dir / c} has no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
+        paths += images
+        labels += [label] * len(images)
+    return paths, np.asarray(labels, dtype=np.int64), classes, ignored
+
+
+class ImageFiles:
+    """Images stored as files: `self(i)` decodes one to uint8 (3, S, S) (RGB; shorter side resized to S and
+    centre-cropped if needed); `take(idx)` decodes many. Picklable, for DataLoader workers.
+
+    `take` decodes the whole split once and caches it as one uint8 tensor in <root>/.cbam-cache/ (keyed by
+    file names, sizes, mtimes and S), so the next run loads it in a second. A small subset (a `data.limit`
+    run) is decoded directly and not cached.
+    """
+
+    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
+        self.paths, self.image_size = list(paths), image_size
+        self._all: Optional[torch.Tensor] = None
+
+    def __getstate__(self) -> dict:  # workers decode single files; never ship the decoded split to them
+        return {**self.__dict__, "_all": None}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+
+        try:
+            with Image.open(self.paths[i]) as im:
+                img = F.pil_to_tensor(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"data=imagefolder: cannot read image {self.paths[i]} ({e})") from None
+        s = self.image_size
+        if img.shape[1:] != (s, s):
+            img = F.center_crop(F.resize(img, s, antialias=True), [s, s])
+        return img
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        if self._all is None:
+            self._all = _read_decode_cache(self.paths, self.image_size)
+        if self._all is None and len(idx) * 4 < len(self.paths):
+            if not len(idx):
+                return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            return torch.stack([self(int(i)) for i in idx])
+        if self._all is None:
+            self._all = torch.stack([self(i) for i in range(len(self.paths))])
+            _write_decode_cache(self.paths, self.image_size, self._all)
+        return self._all[torch.as_tensor(idx, dtype=torch.long)]
+
+
+def file_loader(paths: Sequence[Path], image_size: int) -> ImageFiles:
+    """The image files of one split (see ImageFiles)."""
+    return ImageFiles(paths, image_size)
+
+
+def _decode_cache_path(paths: Sequence[Path], image_size: int) -> Optional[Path]:
+    if not paths:
+        return None
+    h = hashlib.sha1(str(image_size).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    split_dir = Path(paths[0]).parent.parent
+    return split_dir.parent / ".cbam-cache" / f"{split_dir.name}-{image_size}px-{h.hexdigest()[:16]}.pt"
+
+
+def _read_decode_cache(paths: Sequence[Path], image_size: int) -> Optional[torch.Tensor]:
+    path = _decode_cache_path(paths, image_size)
+    if path is None or not path.is_file():
+        return None
+    try:
+        x = torch.load(path, weights_only=True)
+    except Exception:  # a damaged cache is rebuilt, never trusted
+        return None
+    return x if isinstance(x, torch.Tensor) and x.shape == (len(paths), 3, image_size, image_size) else None
+
+
+def _write_decode_cache(paths: Sequence[Path], image_size: int, images: torch.Tensor) -> None:
+    path = _decode_cache_path(paths, image_size)
+    if path is None:
+        return
+    from cbam_train.checkpoint import atomic_save
+
+    try:
+        atomic_save(images, path)
+    except OSError:  # a read-only data folder only costs the next run a decode
+        pass
