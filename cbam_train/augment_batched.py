@@ -211,6 +211,12 @@ class BatchAugment:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(f"BatchAugment expects a (B, 3, {self.image_size}, {self.image_size}) batch "
                              f"(data.image_size), got {tuple(x.shape)}")
+        rows = None  # rows[j]: the input sample that row j of the working batch holds; None: the identity
+        if sum(key in params for key in _JITTER) > 1:
+            # the jitter rounds want the batch sorted by each sample's first op: sort now, on uint8
+            rows = params["jitter_order"][:, 0].argsort(stable=True)
+            x = x.index_select(0, rows)
+            params = {key: v.index_select(0, rows) for key, v in params.items()}
         flip = params.get("flip")
         # crop and flip move whole pixels: done on uint8 (a quarter of the bytes), fused in one gather
         if "crop_top" in params:
@@ -218,10 +224,17 @@ class BatchAugment:
         elif flip is not None:
             x = hflip(x, flip)
         x = _unit_float(x)
-        if "jitter_order" in params:
-            x = self._jitter(x, params)
+        if rows is not None:
+            x, spare, moved = self._jitter_rounds(x, params)
+            rows = rows[moved]
+            params = {key: v.index_select(0, moved) for key, v in params.items()}
+        elif "jitter_order" in params:  # a single jitter op: the order does not matter
+            k = next(k for k, key in enumerate(_JITTER) if key in params)
+            _JITTER_OPS_[k](x, params[_JITTER[k]])
         if "angle" in params:
             x = rotate(x, params["angle"])
+        if rows is not None:
+            x = spare.index_copy_(0, rows, x)  # back to the input's sample order
         return _normalize_(x, self.mean, self.std)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -231,23 +244,25 @@ class BatchAugment:
                              "create it with torch.Generator(device=batch.device)")
         return self.apply(x, self.sample(x.shape[0], generator, x.device))
 
-    def _jitter(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+    @staticmethod
+    def _jitter_rounds(x: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         # 4 rounds; in round r sample i gets op jitter_order[i, r]. Each round sorts the batch by that op
         # so every op runs in place on one contiguous slice: ~one op per sample per round, no masks.
-        active = [k for k, key in enumerate(_JITTER) if key in params]
-        if len(active) == 1:  # a single op: the order does not matter
-            key = _JITTER[active[0]]
-            return _JITTER_OPS_[active[0]](x, params[key])
+        # x comes sorted by the first round's op. Returns x, a spare buffer of its shape, and moved:
+        # row j of x now holds what was row moved[j].
         order = params["jitter_order"]
         counts = F.one_hot(order, 4).sum(dim=0).tolist()  # [round][op]: one host sync per batch, not 16
-        where = torch.arange(len(x), device=x.device)  # where[j]: the sample now at row j
+        moved = torch.arange(len(x), device=x.device)
+        spare = torch.empty_like(x)  # the batch moves between two buffers: no new 6 MB per round
         for r in range(4):
-            perm = order[where, r].argsort(stable=True)
-            x, where = x.index_select(0, perm), where[perm]
+            if r > 0:
+                perm = order[moved, r].argsort(stable=True)
+                moved = moved[perm]
+                x, spare = torch.index_select(x, 0, perm, out=spare), x
             start = 0
-            for k in range(4):
+            for k, key in enumerate(_JITTER):
                 stop = start + counts[r][k]
-                if k in active and stop > start:
-                    _JITTER_OPS_[k](x[start:stop], params[_JITTER[k]][where[start:stop]])
+                if key in params and stop > start:
+                    _JITTER_OPS_[k](x[start:stop], params[key][moved[start:stop]])
                 start = stop
-        return torch.empty_like(x).index_copy_(0, where, x)  # back to the input's sample order
+        return x, spare, moved

@@ -93,3 +93,49 @@ def test_rich_and_quiet_modes_run(tmp_path, capsys):
     assert "epoch   1 [head]" in (tmp_path / "q" / "train.log").read_text()
     run(compose_config(TINY + ["log.mode=rich", "stage=1"]), tmp_path / "r")
     assert "best val acc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision, scaler", [("bf16", False), ("fp16", True), ("fp32", False)])
+def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
+    from cbam_train.train import resolve_amp
+
+    cfg = compose_config(TINY + [f"device.precision={precision}", "device.channels_last=true", "stage=full"])
+    amp = resolve_amp(cfg.device, torch.device("cpu"))
+    assert amp.name == precision and (amp.scaler is not None) == scaler
+    assert amp.memory_format == torch.channels_last
+    s = run(cfg, tmp_path / "run")
+    assert s["precision"] == precision
+    row = rows(tmp_path / "run")[0]
+    assert row["train_loss"] == row["train_loss"] and 0 <= row["val_acc"] <= 1  # finite, sane
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert all(v.is_contiguous() for v in state.values())  # saved contiguous, loads anywhere
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    from cbam_train.train import resolve_amp
+
+    amp = resolve_amp(compose_config(["device=auto"]).device, torch.device("cpu"))
+    assert amp.name == "fp32" and amp.dtype is None and amp.memory_format == torch.contiguous_format
+
+
+@pytest.mark.slow
+def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_layers():
+    """pytorch#139476: requires_grad changes between stages; after the recompile the unfrozen conv1 must learn."""
+    from cbam_train.config import DeviceConfig
+    from cbam_train.models import ResNetCBAM
+    from cbam_train.schedule import apply_stage
+    from cbam_train.train import compile_for_stage, train_one_epoch
+
+    torch.manual_seed(0)
+    model = ResNetCBAM()
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    cfg = DeviceConfig(compile=True, compile_backend="aot_eager")
+    quiet = lambda *a, **k: None  # noqa: E731
+    opt = torch.optim.SGD(apply_stage(model, ["fc", "cbam"]), lr=0.1)
+    train_one_epoch(compile_for_stage(model, cfg), batches, opt, torch.device("cpu"), quiet, 1, "head")
+    assert model.conv1.weight.grad is None
+    before = model.conv1.weight.detach().clone()
+    opt = torch.optim.SGD(apply_stage(model, ["all"]), lr=0.1)
+    train_one_epoch(compile_for_stage(model, cfg), batches, opt, torch.device("cpu"), quiet, 1, "full")
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+    assert not torch.equal(before, model.conv1.weight)
