@@ -91,8 +91,11 @@ def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
     return _saturation_(x.clone(), f)
 
 
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate each image's hue by shift (B,) turns in [-0.5, 0.5]; HSV saturation and value kept."""
+def adjust_hue(x: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Rotate each image's hue by shift (B,) turns in [-0.5, 0.5]; HSV saturation and value kept.
+
+    out may be x itself (the result is written only once every read of x is done).
+    """
     # torchvision's _rgb_to_hsv, shift, _hsv_to_rgb in closed form, with fewer passes over memory:
     # hue6 in sextants [0, 6) as _rgb_to_hsv (red wins ties, then green; ties give the same hue anyway)
     r, g, b = x.split(1, dim=1)  # (B, 1, H, W) views
@@ -114,11 +117,11 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     weight = (hue6 - x.new_tensor(_HUE_CENTRES).view(1, 3, 1, 1)).abs_().sub_(3.0).abs_()
     weight = weight.sub_(1.0).clamp_(0.0, 1.0)
     # v - chroma * weight >= v - chroma = min >= 0 and <= v <= 1 (chroma <= v): no clamp needed
-    return torch.addcmul(maxc, chroma, weight, value=-1.0)
+    return torch.addcmul(maxc, chroma, weight, value=-1.0, out=out)
 
 
 def _hue_(x: Tensor, shift: Tensor) -> Tensor:
-    return x.copy_(adjust_hue(x, shift))
+    return adjust_hue(x, shift, out=x)
 
 
 _JITTER_OPS_ = (_brightness_, _contrast_, _saturation_, _hue_)

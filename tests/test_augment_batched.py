@@ -240,3 +240,27 @@ def test_wrong_image_size_or_generator_device_is_an_actionable_error(make_cfg):
         aug(images(2, 16, 16), torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="generator"):
         aug(images(2).to("meta"), torch.Generator().manual_seed(0))  # a CPU generator for a non-CPU batch
+
+
+def test_flipcrop_recipe_is_exactly_torchvision_crop_and_flip(make_cfg):
+    aug = BatchAugment(make_cfg(["augment=flipcrop"]).augment, 32, MEAN, STD)
+    x8 = images(16, seed=6)
+    p = aug.sample(16, torch.Generator().manual_seed(2), "cpu")
+    expected = []
+    for i, img in enumerate(x8):
+        img = TF.crop(TF.pad(img, [4]), int(p["crop_top"][i]), int(p["crop_left"][i]), 32, 32)
+        expected.append(TF.horizontal_flip(img) if p["flip"][i] else img)
+    assert 0 < p["flip"].sum() < 16
+    assert torch.equal(aug.apply(x8, p), normalize(torch.stack(expected), MEAN, STD))
+
+
+def test_a_single_jitter_op_applies_to_every_sample(make_cfg):
+    cfg = make_cfg(["augment=none", "augment.color_jitter.enabled=true", "augment.color_jitter.brightness=0.5",
+                    "augment.color_jitter.contrast=0", "augment.color_jitter.saturation=0",
+                    "augment.color_jitter.hue=0"]).augment
+    aug = BatchAugment(cfg, 32, MEAN, STD)
+    x8 = images(8)
+    p = aug.sample(8, torch.Generator().manual_seed(0), "cpu")
+    assert set(p) == {"jitter_order", "brightness"}
+    expected = normalize(per_image(TF.adjust_brightness, unit(x8), p["brightness"]), MEAN, STD)
+    torch.testing.assert_close(aug.apply(x8, p), expected, atol=1e-5, rtol=0)
