@@ -112,21 +112,21 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     # a fixed set of ready batches, so training and the bare loop see identical work
     ready = [tuple(t.to(device) for t in next_batch()) for _ in range(min(8, len(loaders.train)))]
     out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
+    rounds = 3  # alternate loop and bare measurements and keep each one's best: noise lands on neither side
     for st in stages:
         params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
         step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
         opt = build_optimizer(params, cfg.optim, st.lr)
-        n_steps = max(1, b.max_steps)
+        per_call = 1  # batches per timed call, set below so that one call takes a fraction of the budget
 
-        def loop_step() -> int:  # the real training loop over ready batches, steps measured in chunks
-            r = train_one_epoch(step_model, _Batches(ready, len(ready)), opt, device, lambda *a, **k: None,
-                                10**9, "bench", amp)
-            return r["n"]
+        def loop_step() -> int:  # the real training loop (device-side sums, one sync per call) on ready batches
+            return train_one_epoch(step_model, _Batches(ready, per_call), opt, device, lambda *a, **k: None,
+                                   10**9, "bench", amp)["n"]
 
-        def bare_step() -> int:  # forward/backward/step only, same batches
+        def bare_step() -> int:  # forward/backward/step only, the same batches
             n = 0
             step_model.train()
-            for x, y in ready:
+            for x, y in itertools.islice(itertools.cycle(ready), per_call):
                 x = x.contiguous(memory_format=amp.memory_format)
                 with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
                     loss = F.cross_entropy(step_model(x), y)
@@ -141,11 +141,15 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
                 n += y.shape[0]
             return n
 
-        # alternate the two measurements over a few rounds and keep each one's best, so that noise from
-        # other processes or one-time costs (optimizer state, allocator growth) does not land on one side
-        rounds = 3
-        chunk = dict(budget, seconds=b.seconds / rounds, max_steps=max(1, n_steps // (len(ready) * rounds)), warmup=0)
-        bare_step()  # warm-up: first-step allocations, optimizer state, (compilation)
+        for _ in range(max(1, b.warmup_steps)):  # first-step allocations, optimizer state, (compilation)
+            bare_step()
+        _sync(device)
+        t0 = time.perf_counter()
+        bare_step()
+        _sync(device)
+        step_s = time.perf_counter() - t0
+        per_call = max(1, min(b.max_steps, int(b.seconds / rounds / 4 / max(step_s, 1e-6))))
+        chunk = dict(budget, seconds=b.seconds / rounds, max_steps=max(1, b.max_steps // per_call), warmup=0)
         loop_rates, bare_rates = [], []
         for _ in range(rounds):
             loop_rates.append(images_per_s(loop_step, **chunk))
@@ -155,9 +159,9 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     last = stages[-1].name
     out["loop_overhead_pct"] = 100 * (out["bare_step_images_per_s"][last] / out["train_images_per_s"][last] - 1)
 
-    eval_batches = _Batches(loaders.val, len(loaders.val))
-    out["eval_images_per_s"] = images_per_s(lambda: evaluate(model, eval_batches, device, amp)["n"],
-                                            **dict(budget, warmup=1, max_steps=max(1, b.max_steps // 20)))
+    eval_batch = _Batches(loaders.val, 1)  # one eval batch per step (data.eval_batch_size images)
+    out["eval_images_per_s"] = images_per_s(lambda: evaluate(model, eval_batch, device, amp)["n"],
+                                            **dict(budget, warmup=1))
     out["peak_memory_mb"], out["peak_memory_kind"] = _peak_memory_mb(device)
     write_json_atomic(run_dir / "bench.json", out)
     _print_table(rep, out)
