@@ -209,13 +209,19 @@ class BatchAugment:
             params["angle"] = torch.rand(n, generator=g, device=device).mul_(2 * d).sub_(d)
         return params
 
-    def apply(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Augment uint8 (B, 3, H, W) with the ops params holds; returns float32, normalised. x is not modified."""
+    def apply(self, x: Tensor, params: dict[str, Tensor], sync_free: Optional[bool] = None) -> Tensor:
+        """Augment uint8 (B, 3, H, W) with the ops params holds; returns float32, normalised. x is not modified.
+
+        sync_free (default: on accelerators): colour-jitter rounds by masks, with no host sync, at the
+        cost of computing every op on the whole batch; off (default on CPU): sorted slices, one op per sample.
+        """
+        sync_free = x.device.type != "cpu" if sync_free is None else sync_free
+        several = sum(key in params for key in _JITTER) > 1
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(f"BatchAugment expects a (B, 3, {self.image_size}, {self.image_size}) batch "
                              f"(data.image_size), got {tuple(x.shape)}")
         rows = None  # rows[j]: the input sample that row j of the working batch holds; None: the identity
-        if sum(key in params for key in _JITTER) > 1:
+        if several and not sync_free:
             # the jitter rounds want the batch sorted by each sample's first op: sort now, on uint8
             rows = params["jitter_order"][:, 0].argsort(stable=True)
             x = x.index_select(0, rows)
@@ -227,7 +233,9 @@ class BatchAugment:
         elif flip is not None:
             x = hflip(x, flip)
         x = _unit_float(x)
-        if rows is not None:
+        if several and sync_free:
+            x = self._jitter_masked(x, params)
+        elif rows is not None:
             x, spare, moved = self._jitter_rounds(x, params)
             rows = rows[moved]
             params = {key: v.index_select(0, moved) for key, v in params.items()}
@@ -246,6 +254,20 @@ class BatchAugment:
             raise ValueError(f"the generator is on {generator.device} but the batch on {x.device}; "
                              "create it with torch.Generator(device=batch.device)")
         return self.apply(x, self.sample(x.shape[0], generator, x.device))
+
+    @staticmethod
+    def _jitter_masked(x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        # The same 4 rounds without reading anything back to the host: every enabled op runs on the whole
+        # batch and a mask keeps each sample's own op. More arithmetic, but a GPU never waits for the CPU.
+        order = params["jitter_order"]
+        for r in range(4):
+            out = x
+            for k, key in enumerate(_JITTER):
+                if key in params:
+                    y = _JITTER_OPS_[k](x.clone(), params[key])
+                    out = torch.where((order[:, r] == k).view(-1, 1, 1, 1), y, out)
+            x = out
+        return x
 
     @staticmethod
     def _jitter_rounds(x: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

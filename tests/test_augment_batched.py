@@ -264,3 +264,16 @@ def test_a_single_jitter_op_applies_to_every_sample(make_cfg):
     assert set(p) == {"jitter_order", "brightness"}
     expected = normalize(per_image(TF.adjust_brightness, unit(x8), p["brightness"]), MEAN, STD)
     torch.testing.assert_close(aug.apply(x8, p), expected, atol=1e-5, rtol=0)
+
+
+def test_sync_free_jitter_path_matches_the_sorted_path(make_cfg):
+    """On accelerators the jitter rounds use masks (no host sync); they must give the sorted path's images."""
+    cfg = make_cfg([]).augment
+    aug = BatchAugment(cfg, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    params = aug.sample(64, torch.Generator().manual_seed(4), x.device)
+    sorted_path = aug.apply(x, params, sync_free=False)
+    masked_path = aug.apply(x, params, sync_free=True)
+    assert torch.allclose(sorted_path, masked_path, atol=1e-5)
+    assert not torch.allclose(masked_path, aug.apply(x, aug.sample(64, torch.Generator().manual_seed(5), x.device),
+                                                     sync_free=True), atol=1e-3)
