@@ -17,7 +17,7 @@ from rich.table import Table
 from cbam_train.config import Config
 from cbam_train.report import Reporter, write_json_atomic
 from cbam_train.schedule import apply_stage
-from cbam_train.train import (build_optimizer, compile_for_stage, evaluate, prepare_data, resolve_amp, start_run,
+from cbam_train.train import (backward_step, build_optimizer, compile_for_stage, evaluate, prepare_data, resolve_amp, start_run,
                               train_one_epoch)
 
 
@@ -130,14 +130,7 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
                 x = x.contiguous(memory_format=amp.memory_format)
                 with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
                     loss = F.cross_entropy(step_model(x), y)
-                opt.zero_grad(set_to_none=True)
-                if amp.scaler is not None:
-                    amp.scaler.scale(loss).backward()
-                    amp.scaler.step(opt)
-                    amp.scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                backward_step(loss, opt, amp)
                 n += y.shape[0]
             return n
 

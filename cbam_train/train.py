@@ -101,6 +101,18 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg, lr: float) -> torch.opt
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # validate() rejects it before this
 
 
+def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, amp: Amp) -> None:
+    """Backward and optimizer step, through the fp16 GradScaler when there is one."""
+    opt.zero_grad(set_to_none=True)
+    if amp.scaler is not None:
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(opt)
+        amp.scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device,
                     on_step: Callable, every_n_steps: int, where: str, amp: Optional[Amp] = None) -> dict:
     """One pass over the loader. Loss/accuracy sums stay on the device; the host syncs every N steps."""
@@ -115,14 +127,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        if amp.scaler is not None:
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(opt)
-            amp.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        backward_step(loss, opt, amp)
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
