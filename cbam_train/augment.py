@@ -7,8 +7,10 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
+from cbam_train.config import AugmentConfig
 
-def build_train_transform(cfg, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+
+def build_train_transform(cfg: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """The recipe's order: crop, flip, colour jitter, rotation, then float [0, 1] and normalise."""
     ops = []
     if cfg.crop.enabled:

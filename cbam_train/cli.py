@@ -14,7 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from cbam_train.config import Config, UserError, register_configs, validate
+from hydra.core.config_store import ConfigStore
+
+from cbam_train.config import Config, UserError, validate
 
 
 def find_conf_dir() -> Path:
@@ -24,6 +26,11 @@ def find_conf_dir() -> Path:
         if (cand / "config.yaml").is_file():
             return cand
     raise FileNotFoundError(f"cbam-train: config folder not found next to {here}; reinstall the package")
+
+
+def register_configs() -> None:
+    """Register the schema (as `config_schema`, first in conf/config.yaml's defaults) with Hydra."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:

@@ -166,14 +166,6 @@ TASKS = ("train", "bench")
 RESERVED_TASKS = ("eval",)
 
 
-def register_configs() -> None:
-    """Register the schema so that conf/config.yaml is validated against it."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-
-
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")

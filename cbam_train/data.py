@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cbam_train.config import DataConfig
 from cbam_train.imagefolder import DataError, file_loader, scan_image_folder  # noqa: F401 (re-exported)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -210,7 +211,7 @@ class TensorImages:
         return self.images[torch.as_tensor(idx, dtype=torch.long)]
 
 
-def build_splits(cfg, seed: int, num_classes: int, warn: Callable[[str], None] = lambda s: None) -> DataSplits:
+def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[str], None] = lambda s: None) -> DataSplits:
     """Train / val / test datasets (without transforms) for a DataConfig, checked against num_classes."""
     test = None
     if cfg.name == "cifar10":

@@ -12,6 +12,7 @@ import torch
 
 from cbam_train.augment import build_eval_transform, build_train_transform
 from cbam_train.augment_batched import BatchAugment, normalize
+from cbam_train.config import AugmentConfig, DataConfig
 from cbam_train.data import DataSplits, ImageDataset, make_loader
 
 
@@ -62,7 +63,7 @@ def choose_loader(splits: DataSplits, loader: str, budget_mb: int) -> str:
     return "memory" if total <= budget_mb * 2**20 else "torchvision"
 
 
-def build_loaders(splits: DataSplits, cfg, augment_cfg, device: torch.device, seed: int, workers: int) -> Loaders:
+def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfig, device: torch.device, seed: int, workers: int) -> Loaders:
     """Train / val / test loaders of the configured kind, seeded; the train one augments."""
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
     if kind == "memory":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam_train.checkpoint import atomic_save, load_initial_weights, load_state_dict_file, load_strict
-from cbam_train.config import Config, UserError
+from cbam_train.config import Config, DeviceConfig, OptimConfig, UserError
 from cbam_train.data import build_splits
 from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
@@ -38,7 +38,7 @@ class Amp:
     memory_format: torch.memory_format = torch.contiguous_format
 
 
-def resolve_amp(cfg, device: torch.device) -> Amp:
+def resolve_amp(cfg: DeviceConfig, device: torch.device) -> Amp:
     """device.precision / device.channels_last for this device (auto: bf16 + channels_last on CUDA)."""
     precision = cfg.precision
     if precision == "auto":
@@ -49,7 +49,7 @@ def resolve_amp(cfg, device: torch.device) -> Amp:
     return Amp(precision, dtype, scaler, torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def compile_for_stage(model: nn.Module, cfg) -> nn.Module:
+def compile_for_stage(model: nn.Module, cfg: DeviceConfig) -> nn.Module:
     """torch.compile afresh for a stage: guards do not track requires_grad changes (pytorch#139476),
     so a graph compiled while a layer was frozen would keep skipping its gradients."""
     torch._dynamo.reset()
@@ -87,7 +87,7 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """A fresh optimizer over exactly the given (trainable) parameters; fused kernels on CUDA by default."""
     params = list(params)
     on_cuda = bool(params) and params[0].is_cuda

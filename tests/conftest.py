@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cbam_train.cli import find_conf_dir
-from cbam_train.config import Config, register_configs, validate
+from cbam_train.cli import find_conf_dir, register_configs
+from cbam_train.config import Config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

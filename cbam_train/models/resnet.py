@@ -7,13 +7,16 @@ on the residual branch before the addition, as in the CBAM paper).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from cbam_train.models.cbam import CBAM
+
+if TYPE_CHECKING:
+    from cbam_train.config import ModelConfig
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet18
@@ -108,7 +111,7 @@ class ResNetCBAM(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_model(cfg) -> ResNetCBAM:
+def build_model(cfg: "ModelConfig") -> ResNetCBAM:
     """Build the model described by a ModelConfig (weights are loaded separately, see checkpoint.py)."""
     return ResNetCBAM(num_classes=cfg.num_classes, stem=cfg.stem, cbam_enabled=cfg.cbam.enabled,
                       placement=cfg.cbam.placement, reduction=cfg.cbam.reduction,
