@@ -6,8 +6,10 @@ rotation 15, normalise) from the same real JPEG images, in one process on the sa
     python benchmarks/compare_pipelines.py --root data/cifar10-jpeg [--batch 64] [--seconds 20]
 
 The recipe side is torchvision.datasets.ImageFolder + transforms (v1, PIL) + DataLoader(num_workers=0),
-decoding each JPEG per sample as the recipe does. The tool side decodes the split once (cached in
-<root>/.cbam-cache, the cost reported separately) and then runs MemoryLoader + BatchAugment.
+decoding each JPEG per sample as the recipe does (one process; PIL work is single-threaded). The tool
+side is the loader `cbam-train` builds: the split decoded once (cached in <root>/.cbam-cache, the cost
+reported separately), then MemoryLoader + BatchAugment, whose tensor ops use torch's intra-op threads
+(all cores by default: both sides get the same machine, as a user would run them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,26 +53,24 @@ def recipe_loader(root: Path, batch: int):
 
 
 def tool_loader(root: Path, batch: int, device: torch.device):
-    from cbam_train.augment_batched import BatchAugment
+    """The training loader `cbam-train data=imagefolder` builds (data.loader=memory, augment=seed)."""
     from cbam_train.config import AugmentConfig, DataConfig
     from cbam_train.data import build_splits
-    from cbam_train.loaders import MemoryLoader
+    from cbam_train.loaders import build_loaders
 
-    cfg = DataConfig(name="imagefolder", root=str(root), val_size=0, mean=list(CIFAR_MEAN), std=list(CIFAR_STD))
+    cfg = DataConfig(name="imagefolder", root=str(root), val_size=0, batch_size=batch, loader="memory",
+                     mean=list(CIFAR_MEAN), std=list(CIFAR_STD))
     t0 = time.perf_counter()
-    splits = build_splits(cfg, seed=0, num_classes=10)
-    images, labels = splits.train.materialize()
-    decode_s = time.perf_counter() - t0
-    aug = BatchAugment(AugmentConfig(), 32, CIFAR_MEAN, CIFAR_STD)
-    gen = torch.Generator(device=device).manual_seed(0)
-    return MemoryLoader(images.to(device), labels.to(device), batch, True, aug, gen), decode_s
+    loaders = build_loaders(build_splits(cfg, seed=0, num_classes=10), cfg, AugmentConfig(), device, 0, 0)
+    return loaders.train, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="data/cifar10-jpeg", help="ImageFolder root holding train/<class>/*.jpg")
     ap.add_argument("--batch", type=int, default=64, help="batch size for both (the recipe's is 64)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="timing budget per pipeline")
+    ap.add_argument("--seconds", type=float, default=20.0, help="timing budget per pipeline, split over --rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the two pipelines this many times")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
@@ -78,10 +79,15 @@ def main() -> None:
         sys.exit(f"error: {root / 'train'} not found; unpack the images first (make data)")
     device = torch.device(args.device)
     tool, decode_s = tool_loader(root, args.batch, device)
-    tool_rate = rate(tool, args.seconds)
-    recipe_rate = rate(recipe_loader(root, args.batch), args.seconds)
+    recipe = recipe_loader(root, args.batch)
+    tool_rates, recipe_rates = [], []
+    for _ in range(args.rounds):  # alternate, so that machine load lands on both sides; report medians
+        tool_rates.append(rate(tool, args.seconds / args.rounds))
+        recipe_rates.append(rate(recipe, args.seconds / args.rounds))
+    tool_rate, recipe_rate = statistics.median(tool_rates), statistics.median(recipe_rates)
     result = {"recipe_pil_dataloader_images_per_s": round(recipe_rate, 1),
               "tool_memory_batched_images_per_s": round(tool_rate, 1), "ratio": round(tool_rate / recipe_rate, 2),
+              "rounds": {"recipe": [round(r, 1) for r in recipe_rates], "tool": [round(r, 1) for r in tool_rates]},
               "tool_one_time_decode_s": round(decode_s, 2), "batch": args.batch, "device": str(device),
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
               "images": len(tool.labels)}

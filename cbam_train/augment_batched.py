@@ -19,7 +19,7 @@ from cbam_train.config import AugmentConfig
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601 luma)
 # ColorJitter's fn_idx numbering: jitter_order[i, r] is the op sample i gets in round r
 _JITTER = ("brightness", "contrast", "saturation", "hue")
-_HUE_CENTRES = (3.0, 5.0, 1.0)  # where on the hue circle (sextants) R, G, B weigh 0 (see adjust_hue)
+_HUE_CENTRES = (3.0, 5.0, 1.0)  # hues (in sextants) where R, G, B are at their minimum (see adjust_hue)
 
 
 def _each(v: Tensor) -> Tensor:
@@ -61,8 +61,8 @@ def _brightness_(x: Tensor, f: Tensor) -> Tensor:
 def _contrast_(x: Tensor, f: Tensor) -> Tensor:
     # The mean of the grayscale image is the luma-weighted sum of the channel means (it is linear),
     # which needs one reduction instead of a grayscale image and its mean.
-    weights = x.new_tensor(_GRAY)
-    mean = x.mean(dim=(-2, -1)) @ weights  # (B,)
+    m = x.mean(dim=(-2, -1))  # (B, 3); Python-float weights: no host-to-device copy (a sync on CUDA)
+    mean = m[:, 0] * _GRAY[0] + m[:, 1] * _GRAY[1] + m[:, 2] * _GRAY[2]  # (B,)
     return x.mul_(_each(f)).add_(_each(mean * (1.0 - f))).clamp_(0.0, 1.0)
 
 
@@ -114,7 +114,7 @@ def adjust_hue(x: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor
     hue6 = num.div_(chroma.clamp_min(1e-12)).add_(_each(6.0 * shift)).remainder_(6.0)
     # _hsv_to_rgb: channel n = v - chroma * w_n, w_n = clamp(2 - d_n, 0, 1), d_n the distance on the hue
     # circle (length 6) from hue6 to c_n (3, 5, 1 for R, G, B); with a = |hue6 - c_n|, 2 - d_n = |a - 3| - 1
-    weight = (hue6 - x.new_tensor(_HUE_CENTRES).view(1, 3, 1, 1)).abs_().sub_(3.0).abs_()
+    weight = torch.cat([hue6 - c for c in _HUE_CENTRES], dim=1).abs_().sub_(3.0).abs_()  # Python floats: no sync
     weight = weight.sub_(1.0).clamp_(0.0, 1.0)
     # v - chroma * weight >= v - chroma = min >= 0 and <= v <= 1 (chroma <= v): no clamp needed
     return torch.addcmul(maxc, chroma, weight, value=-1.0, out=out)
@@ -138,7 +138,9 @@ def _rotation_grid(degrees: Tensor, h: int, w: int) -> Tensor:
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=degrees.device)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=degrees.device)
     base = torch.stack((xs.expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=xs.device)), dim=-1)
-    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], device=xs.device))  # (B, 3, 2)
+    scaled = theta.transpose(1, 2).contiguous()  # (B, 3, 2); scaled by Python floats: no host-to-device copy
+    scaled[..., 0] /= 0.5 * w
+    scaled[..., 1] /= 0.5 * h
     return base.view(1, h * w, 3).expand(len(degrees), -1, -1).bmm(scaled).view(-1, h, w, 2)
 
 
@@ -162,10 +164,11 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
 
 def _normalize_(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    return x.sub_(x.new_tensor(mean).view(-1, 1, 1)).div_(x.new_tensor(std).view(-1, 1, 1))
-
-
-eval_transform = normalize
+    # per-channel in-place ops with Python floats: a tensor built from a list would be a blocking
+    # host-to-device copy on every batch on CUDA
+    for c in range(x.shape[1]):
+        x[:, c].sub_(float(mean[c])).div_(float(std[c]))
+    return x
 
 
 class BatchAugment:

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
 from cbam_train.config import Config
 from cbam_train.report import Reporter, write_json_atomic
 from cbam_train.schedule import apply_stage
-from cbam_train.train import (backward_step, build_optimizer, compile_for_stage, evaluate, prepare_data, resolve_amp, start_run,
-                              train_one_epoch)
+from cbam_train.train import (backward_step, build_optimizer, compile_for_stage, evaluate, forward_loss,
+                              prepare_data, setup_device, start_run, train_one_epoch)
 
 
 def _sync(device: torch.device) -> None:
@@ -37,6 +36,19 @@ def images_per_s(step: Callable[[], int], device: torch.device, warmup: int, sec
         steps += 1
     _sync(device)
     return images / (time.perf_counter() - t0)
+
+
+class _Stream:
+    """n batches per iteration from an endless source (a function returning the next batch)."""
+
+    def __init__(self, next_batch: Callable, n: int) -> None:
+        self.next_batch, self.n = next_batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (self.next_batch() for _ in range(self.n))
 
 
 class _Batches:
@@ -73,10 +85,8 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     b = cfg.bench
     budget = dict(device=device, warmup=b.warmup_steps, seconds=b.seconds, max_steps=b.max_steps)
     splits, loaders = prepare_data(cfg, device, rep)
-    amp = resolve_amp(cfg.device, device)
-    model.to(device, memory_format=amp.memory_format)
+    amp = setup_device(model, cfg.device, device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
         torch.cuda.reset_peak_memory_stats(device)
     bs = cfg.data.batch_size
     out: dict = {"device": str(device), "device_name": _device_name(device), "precision": amp.name,
@@ -109,8 +119,14 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
 
     out["loader_images_per_s"] = images_per_s(load_one, **budget)
 
-    # a fixed set of ready batches, so training and the bare loop see identical work
-    ready = [tuple(t.to(device) for t in next_batch()) for _ in range(min(8, len(loaders.train)))]
+    # a fixed set of ready, full batches, so training and the bare loop see identical work of one shape
+    ready: list = []
+    for _ in range(2 * len(loaders.train)):
+        x, y = next_batch()
+        if y.shape[0] == bs or len(splits.train) < bs:
+            ready.append((x.to(device), y.to(device)))
+        if len(ready) == min(8, len(loaders.train)):
+            break
     out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
     rounds = 3  # alternate loop and bare measurements and keep each one's best: noise lands on neither side
     for st in stages:
@@ -127,15 +143,14 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
             n = 0
             step_model.train()
             for x, y in itertools.islice(itertools.cycle(ready), per_call):
-                x = x.contiguous(memory_format=amp.memory_format)
-                with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-                    loss = F.cross_entropy(step_model(x), y)
-                backward_step(loss, opt, amp)
+                backward_step(forward_loss(step_model, x, y, amp)[1], opt, amp)
                 n += y.shape[0]
             return n
 
-        for _ in range(max(1, b.warmup_steps)):  # first-step allocations, optimizer state, (compilation)
+        per_call = len(ready)  # warm up on every ready batch: allocations, optimizer state, cuDNN, compilation
+        for _ in range(max(1, b.warmup_steps)):
             bare_step()
+        per_call = 1
         _sync(device)
         t0 = time.perf_counter()
         bare_step()
@@ -150,11 +165,17 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
         out["train_images_per_s"][st.name] = max(loop_rates)
         out["bare_step_images_per_s"][st.name] = max(bare_rates)
     last = stages[-1].name
+
+    def end_to_end() -> int:  # the last stage's loop fed by the real input pipeline, as in training
+        stream = _Stream(next_batch, per_call)
+        return train_one_epoch(step_model, stream, opt, device, lambda *a, **k: None, 10**9, "bench", amp)["n"]
+
+    out["train_end_to_end_images_per_s"] = images_per_s(end_to_end, **chunk)
     out["loop_overhead_pct"] = 100 * (out["bare_step_images_per_s"][last] / out["train_images_per_s"][last] - 1)
 
-    eval_batch = _Batches(loaders.val, 1)  # one eval batch per step (data.eval_batch_size images)
-    out["eval_images_per_s"] = images_per_s(lambda: evaluate(model, eval_batch, device, amp)["n"],
-                                            **dict(budget, warmup=1))
+    eval_ready = [tuple(t.to(device) for t in batch) for batch in itertools.islice(loaders.val, 1)]
+    out["eval_images_per_s"] = (images_per_s(lambda: evaluate(model, eval_ready, device, amp)["n"],
+                                             **dict(budget, warmup=1)) if eval_ready else None)
     out["peak_memory_mb"], out["peak_memory_kind"] = _peak_memory_mb(device)
     write_json_atomic(run_dir / "bench.json", out)
     _print_table(rep, out)
@@ -177,6 +198,8 @@ def _print_table(rep: Reporter, r: dict) -> None:
     for name, v in r["train_images_per_s"].items():
         t.add_row(f"training loop, stage '{name}'", fmt(v))
         t.add_row(f"bare forward/backward/step, stage '{name}'", fmt(r["bare_step_images_per_s"][name]))
+    t.add_row(f"training loop fed by the input pipeline, stage '{list(r['train_images_per_s'])[-1]}'",
+              fmt(r["train_end_to_end_images_per_s"]))
     t.add_row("evaluation", fmt(r["eval_images_per_s"]))
     t.add_row(f"peak memory ({r['peak_memory_kind']})", f"{r['peak_memory_mb']:,.0f} MB")
     t.add_row("loop overhead vs bare steps", f"{r['loop_overhead_pct']:+.1f}%")

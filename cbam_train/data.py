@@ -261,9 +261,10 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
 
 
 def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, drop_partial: bool = False) -> DataLoader:
     """A DataLoader; the training one shuffles with its own seeded generator (reproducible order)."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, generator=g,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      drop_last=train and len(ds) % batch_size == 1)  # BatchNorm cannot train on a batch of one
+                      # BatchNorm cannot train on a batch of one; a compiled model recompiles for a partial one
+                      drop_last=train and (drop_partial or len(ds) % batch_size == 1))

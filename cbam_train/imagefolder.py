@@ -118,5 +118,5 @@ def _write_decode_cache(paths: Sequence[Path], image_size: int, images: torch.Te
 
     try:
         atomic_save(images, path)
-    except OSError:  # a read-only data folder only costs the next run a decode
+    except (OSError, RuntimeError):  # a read-only or full data folder only costs the next run a decode
         pass

@@ -25,14 +25,15 @@ class MemoryLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
                  transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                 generator: torch.Generator) -> None:
-        self.images, self.labels = images, labels
+                 generator: torch.Generator, drop_partial: bool = False) -> None:
+        self.images, self.labels, self.drop_partial = images, labels, drop_partial
         self.batch_size, self.shuffle, self.transform, self.generator = batch_size, shuffle, transform, generator
 
     def _n(self) -> int:
-        n = len(self.labels)
-        # training drops a last batch of one: BatchNorm cannot train on a single sample (as make_loader)
-        return n - 1 if self.shuffle and n % self.batch_size == 1 else n
+        n, rest = len(self.labels), len(self.labels) % self.batch_size
+        # training drops a last batch of one (BatchNorm cannot train on a single sample), or any partial
+        # one when asked (a compiled model would recompile for the odd shape), as make_loader does
+        return n - rest if self.shuffle and (rest == 1 or self.drop_partial) else n
 
     def __len__(self) -> int:
         return math.ceil(self._n() / self.batch_size)
@@ -63,8 +64,10 @@ def choose_loader(splits: DataSplits, loader: str, budget_mb: int) -> str:
     return "memory" if total <= budget_mb * 2**20 else "torchvision"
 
 
-def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfig, device: torch.device, seed: int, workers: int) -> Loaders:
-    """Train / val / test loaders of the configured kind, seeded; the train one augments."""
+def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfig, device: torch.device, seed: int,
+                  workers: int, drop_partial: bool = False) -> Loaders:
+    """Train / val / test loaders of the configured kind, seeded; the train one augments (and drops a
+    partial last batch with drop_partial)."""
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
     if kind == "memory":
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -76,7 +79,8 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
 
         def memory(ds: ImageDataset, batch: int, train: bool) -> MemoryLoader:
             images, labels = ds.materialize()
-            return MemoryLoader(images.to(device), labels.to(device), batch, train, aug if train else eval_tf, gen)
+            return MemoryLoader(images.to(device), labels.to(device), batch, train, aug if train else eval_tf, gen,
+                                drop_partial)
 
         test = memory(splits.test, cfg.eval_batch_size, False) if splits.test is not None else None
         return Loaders(memory(splits.train, cfg.batch_size, True), memory(splits.val, cfg.eval_batch_size, False),
@@ -89,5 +93,5 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
     if splits.test is not None:
         splits.test.transform = per_image_eval
         test = make_loader(splits.test, cfg.eval_batch_size, False, workers, seed, pin)
-    return Loaders(make_loader(splits.train, cfg.batch_size, True, workers, seed, pin),
+    return Loaders(make_loader(splits.train, cfg.batch_size, True, workers, seed, pin, drop_partial),
                    make_loader(splits.val, cfg.eval_batch_size, False, workers, seed, pin), test, kind, None)

@@ -43,6 +43,9 @@ def resolve_amp(cfg: DeviceConfig, device: torch.device) -> Amp:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    elif precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"device.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                        "use device.precision=fp16 or fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -101,6 +104,23 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # validate() rejects it before this
 
 
+def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp) -> tuple:
+    """(logits, loss) under autocast; x is made channels_last when amp asks for it (a no-op if it is)."""
+    x = x.contiguous(memory_format=amp.memory_format)
+    with torch.autocast(x.device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+        logits = model(x)
+        return logits, F.cross_entropy(logits, y)
+
+
+def setup_device(model: nn.Module, cfg: DeviceConfig, device: torch.device) -> Amp:
+    """Move the model (in the configured memory format), set cuDNN autotuning; the Amp for the steps."""
+    amp = resolve_amp(cfg, device)
+    model.to(device, memory_format=amp.memory_format)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    return amp
+
+
 def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, amp: Amp) -> None:
     """Backward and optimizer step, through the fp16 GradScaler when there is one."""
     opt.zero_grad(set_to_none=True)
@@ -122,11 +142,8 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, t0 = 0, time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
-        x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, loss = forward_loss(model, x, y, amp)
         backward_step(loss, opt, amp)
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
@@ -242,7 +259,7 @@ def prepare_data(cfg: Config, device: torch.device, rep: Reporter) -> tuple:
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
-    loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers)
+    loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile)
     how = (f"in {device.type} memory (loaded in {time.perf_counter() - t0:.1f} s), batched augmentation"
            if loaders.kind == "memory" else f"torchvision DataLoader, {workers} worker(s)")
     rep.print(f"data: {cfg.data.name} | train {len(splits.train)} | val {len(splits.val)} | "
@@ -268,10 +285,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.M
         rep.config(config_yaml)
     splits, loaders = prepare_data(cfg, device, rep)
     load_weights(cfg, model, stages, rep)
-    amp = resolve_amp(cfg.device, device)
-    model.to(device, memory_format=amp.memory_format)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.device.cudnn_benchmark
+    amp = setup_device(model, cfg.device, device)
     stage_rows = stage_table_rows(model, stages)
     rep.stage_table(stage_rows)
 

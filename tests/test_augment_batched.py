@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from cbam_train.augment import build_eval_transform
 from cbam_train.augment_batched import (
-    BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, crop, eval_transform,
+    BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, crop,
     hflip, normalize, rotate,
 )
 
@@ -98,8 +98,8 @@ def test_rotate_matches_torchvision_nearest_fill_zero(h, w):
     angles = torch.tensor([-15.0, 15.0, 7.3, -3.1, 0.0, 11.9, 45.0])
     out = rotate(x, angles)
     ref = per_image(lambda img, a: TF.rotate(img, a, interpolation=InterpolationMode.NEAREST, fill=0), x, angles)
-    for i in range(len(x)):
-        assert (out[i] == ref[i]).float().mean() >= 0.99, f"angle {angles[i]}"
+    for i in range(len(x)):  # the same grid math as torchvision: pixel for pixel
+        assert torch.equal(out[i], ref[i]), f"angle {angles[i]}"
     assert torch.equal(out[4], x[4])  # angle 0 is exactly the identity
     assert (out[1] == 0).all(dim=0).any()  # the corners are filled with 0
 
@@ -111,7 +111,7 @@ def test_normalize_matches_torchvision_eval_transform_exactly():
     t = build_eval_transform(MEAN, STD)
     expected = torch.stack([t(img) for img in x8])
     assert torch.equal(normalize(x8, MEAN, STD), expected)
-    assert torch.equal(eval_transform(x8, MEAN, STD), expected)
+    assert torch.equal(normalize(x8, MEAN, STD), expected)
     xf = unit(x8)
     before = xf.clone()
     torch.testing.assert_close(normalize(xf, MEAN, STD), expected, atol=1e-6, rtol=0)
@@ -186,8 +186,7 @@ def test_pipeline_matches_torchvision_per_image_with_each_samples_order(make_cfg
     p = aug.sample(24, torch.Generator().manual_seed(1), "cpu")
     out = aug.apply(x8, p)
     err = (denormalise(out) - denormalise(reference(x8, p, 4, p["jitter_order"]))).abs()
-    close = (err <= 1e-4).float().flatten(1).mean(dim=1)
-    assert close.min() >= 0.99  # nearest rotation: a few pixels round the other way
+    assert err.max() <= 1e-5  # float rounding only
     # the test can see a wrong order: each sample's reversed order gives other images
     wrong = (denormalise(out) - denormalise(reference(x8, p, 4, p["jitter_order"].flip(1)))).abs()
     assert (wrong.flatten(1).amax(dim=1) > 0.05).float().mean() > 0.5

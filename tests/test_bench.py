@@ -14,7 +14,8 @@ TINY = ["task=bench", "experiment=smoke", "data.image_size=8", "data.train_size=
         "data.test_size=32", "data.batch_size=16", "bench.seconds=0.2", "bench.max_steps=4", "bench.warmup_steps=1",
         "log.mode=plain"]
 KEYS = {"augment_images_per_s", "loader_images_per_s", "train_images_per_s", "bare_step_images_per_s",
-        "loop_overhead_pct", "eval_images_per_s", "peak_memory_mb", "device", "precision", "loader", "batch_size"}
+        "loop_overhead_pct", "eval_images_per_s", "peak_memory_mb", "device", "precision", "loader", "batch_size",
+        "train_end_to_end_images_per_s"}
 
 
 @pytest.mark.parametrize("loader", ["memory", "torchvision"])
@@ -26,6 +27,7 @@ def test_bench_writes_every_measure(tmp_path, capsys, loader):
     assert set(saved["train_images_per_s"]) == {"head", "high", "full"} == set(saved["bare_step_images_per_s"])
     assert all(v > 0 for v in saved["train_images_per_s"].values())
     assert saved["loader_images_per_s"] > 0 and saved["eval_images_per_s"] > 0 and saved["peak_memory_mb"] > 0
+    assert saved["train_end_to_end_images_per_s"] > 0
     if loader == "memory":
         assert saved["augment_images_per_s"] > 0
     else:

@@ -55,9 +55,8 @@ def test_unshuffled_memory_loader_keeps_dataset_order():
 
 def test_auto_picks_memory_within_the_budget_and_torchvision_beyond():
     splits = build_splits(compose_config(SYN).data, 0, 10)
-    total = 110 * 3 * 8 * 8  # train+val (100) and test (10) images of 3x8x8 bytes
-    assert choose_loader(splits, "auto", 1) == "memory"
-    assert total < 2**20
+    assert sum(ds.nbytes() for ds in (splits.train, splits.val, splits.test)) == 110 * 3 * 8 * 8
+    assert choose_loader(splits, "auto", 1) == "memory"  # 21,120 bytes fit 1 MiB
     assert choose_loader(splits, "auto", 0) == "torchvision"
     assert choose_loader(splits, "torchvision", 10**6) == "torchvision"
     assert choose_loader(splits, "memory", 0) == "memory"
@@ -77,6 +76,14 @@ def test_both_loaders_give_the_same_evaluation_batches(kind):
     assert torch.allclose(x, normalize(images, splits.mean, splits.std), atol=1e-6)
     train_x, _ = next(iter(loaders.train))
     assert train_x.dtype == torch.float32 and train_x.shape[1:] == (3, 8, 8)
+    # without augmentation both training loaders yield exactly the training split, normalised
+    cfg = compose_config(SYN + [f"data.loader={kind}", "data.num_workers=0", "augment=none"])
+    plain = build_loaders(build_splits(cfg.data, 0, 10), cfg.data, cfg.augment, torch.device("cpu"), 0, 0)
+    got = sorted(tuple(v.flatten().tolist()) for b in plain.train for v in b[0])
+    images, _ = splits.train.materialize()
+    want = sorted(tuple(v.flatten().tolist()) for v in normalize(images, splits.mean, splits.std))
+    assert len(got) == len(want) and all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
+                                         for a, b in zip(got, want))
     assert len(loaders.test) == 1
 
 

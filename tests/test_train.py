@@ -139,3 +139,16 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     train_one_epoch(compile_for_stage(model, cfg), batches, opt, torch.device("cpu"), quiet, 1, "full")
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert not torch.equal(before, model.conv1.weight)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_forward_runs_under_the_configured_autocast(precision, dtype):
+    from cbam_train.models import ResNetCBAM
+    from cbam_train.train import forward_loss, setup_device
+
+    model = ResNetCBAM()
+    amp = setup_device(model, compose_config(["device=cpu", f"device.precision={precision}",
+                                              "device.channels_last=true"]).device, torch.device("cpu"))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    logits, loss = forward_loss(model, torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), amp)
+    assert logits.dtype == dtype and loss.dtype == torch.float32  # cross_entropy autocasts to fp32
