@@ -147,10 +147,11 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
                 n += y.shape[0]
             return n
 
-        per_call = len(ready)  # warm up on every ready batch: allocations, optimizer state, cuDNN, compilation
-        for _ in range(max(1, b.warmup_steps)):
-            bare_step()
+        per_call = len(ready)  # warm up once on every ready batch: allocations, optimizer state, cuDNN, compile
+        bare_step()
         per_call = 1
+        for _ in range(b.warmup_steps - 1):
+            bare_step()
         _sync(device)
         t0 = time.perf_counter()
         bare_step()
