@@ -96,8 +96,8 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
                  "date": dt.date.today().isoformat()}
 
     augment_rate: Optional[float] = None
-    if loaders.augment is not None:  # the batched augmentation alone, on uint8 batches already on the device
-        x = loaders.train.images[:bs]
+    if loaders.augment is not None:  # the batched augmentation alone, on the loader's chunks already on the device
+        x = loaders.train.images[:loaders.train.chunk]
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         augment_rate = images_per_s(lambda: loaders.augment(x, gen).shape[0], **budget)
     out["augment_images_per_s"] = augment_rate

@@ -54,6 +54,7 @@ class DataConfig:
     eval_batch_size: int = 512
     loader: str = "auto"  # memory: uint8 tensor on the device + batched augmentation | torchvision | auto
     memory_budget_mb: int = 4096  # auto picks memory when the decoded splits fit in this
+    augment_chunk: int = 4096  # memory loader: images augmented per call (rounded to whole batches)
     num_workers: int = 4  # torchvision loader only
     mean: Optional[List[float]] = None  # per-channel, in [0, 1]; null: measured on the train split
     std: Optional[List[float]] = None
@@ -197,6 +198,7 @@ def validate(cfg: Config) -> Config:
     _positive("data.val_size", d.val_size, strict=False)
     _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
     _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
+    _positive("data.augment_chunk", d.augment_chunk)
     _positive("data.num_workers", d.num_workers, strict=False)
     if d.limit is not None:
         _positive("data.limit", d.limit)

@@ -19,14 +19,17 @@ from cbam_train.data import DataSplits, ImageDataset, make_loader
 class MemoryLoader:
     """Yields (float normalised (B, 3, H, W), int64 (B,)) batches from uint8 images on the device.
 
-    No per-image Python and no worker processes: a batch is one gather plus the batched transform.
-    The shuffle order and every augmentation draw come from `generator` (on the images' device).
+    No per-image Python and no worker processes: the transform runs on `chunk` images at a time (a
+    whole number of batches; one gather and a few dozen kernels for thousands of images, so small
+    batches do not pay per-kernel launch costs), and batches are slices of the result. The shuffle
+    order and every augmentation draw come from `generator` (on the images' device).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
                  transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                 generator: torch.Generator, drop_partial: bool = False) -> None:
+                 generator: torch.Generator, drop_partial: bool = False, chunk: int = 0) -> None:
         self.images, self.labels, self.drop_partial = images, labels, drop_partial
+        self.chunk = max(1, chunk // batch_size) * batch_size  # at least one batch
         self.batch_size, self.shuffle, self.transform, self.generator = batch_size, shuffle, transform, generator
 
     def _n(self) -> int:
@@ -42,9 +45,12 @@ class MemoryLoader:
         n = len(self.labels)
         order = (torch.randperm(n, generator=self.generator, device=self.images.device) if self.shuffle
                  else torch.arange(n, device=self.images.device))
-        for i in range(0, self._n(), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield self.transform(self.images[idx], self.generator), self.labels[idx]
+        end = self._n()
+        for c in range(0, end, self.chunk):
+            idx = order[c:min(c + self.chunk, end)]
+            x, y = self.transform(self.images[idx], self.generator), self.labels[idx]
+            for i in range(0, len(idx), self.batch_size):
+                yield x[i:i + self.batch_size], y[i:i + self.batch_size]
 
 
 @dataclass
@@ -80,7 +86,7 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
         def memory(ds: ImageDataset, batch: int, train: bool) -> MemoryLoader:
             images, labels = ds.materialize()
             return MemoryLoader(images.to(device), labels.to(device), batch, train, aug if train else eval_tf, gen,
-                                drop_partial)
+                                drop_partial, cfg.augment_chunk)
 
         test = memory(splits.test, cfg.eval_batch_size, False) if splits.test is not None else None
         return Loaders(memory(splits.train, cfg.batch_size, True), memory(splits.val, cfg.eval_batch_size, False),

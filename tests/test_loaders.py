@@ -152,3 +152,19 @@ def test_datasets_pickle_for_spawned_workers_without_the_decoded_split(tmp_path)
     assert torch.equal(clone[3][0], splits.train[3][0])
     syn = build_splits(compose_config(SYN).data, 0, 10)
     assert torch.equal(pickle.loads(pickle.dumps(syn.val))[0][0], syn.val[0][0])
+
+
+def test_memory_loader_augments_in_chunks_of_whole_batches():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    calls = []
+
+    def recording(x, _g):
+        calls.append(x.shape[0])
+        return x
+
+    loader = MemoryLoader(images, torch.arange(10), 4, True, recording, torch.Generator().manual_seed(0), chunk=9)
+    batches = list(loader)
+    assert calls == [8, 2]  # chunk 9 rounds down to two batches of 4; the rest is the last chunk
+    assert [y.shape[0] for _, y in batches] == [4, 4, 2] and len(loader) == 3
+    assert all(torch.equal(x[:, 0, 0, 0].long(), y) for x, y in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(10))
