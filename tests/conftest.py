@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -23,6 +24,22 @@ def compose_config(overrides: list | None = None) -> Config:
     with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
         dcfg = compose(config_name="config", overrides=list(overrides or []))
     return validate(OmegaConf.to_object(dcfg))
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Same keys in the same order, same dtypes, equal tensors."""
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="session")
+def tv_state():
+    """A torchvision resnet18 state dict (random weights, seeded): stands in for the ImageNet file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().state_dict()
 
 
 @pytest.fixture

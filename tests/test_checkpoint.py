@@ -1,19 +1,18 @@
-"""Weights in and out: atomic saves, weights-only loads, matching/strict loading, the ImageNet cache."""
+"""Weights in and out: atomic saves, weights-only loads, matching and strict loading."""
 
 import os
 import pickle
 import stat
-import urllib.error
 
 import pytest
 import torch
 import torchvision
 
 import cbam_train.checkpoint as ck
-from cbam_train.checkpoint import (WeightsError, atomic_save, imagenet_resnet18_state_dict, load_initial_weights,
-                                   load_matching, load_state_dict_file, load_strict)
+from cbam_train.checkpoint import WeightsError, atomic_save, load_matching, load_state_dict_file, load_strict
 from cbam_train.config import UserError
 from cbam_train.models.resnet import ResNetCBAM
+from conftest import assert_same_state
 
 TV_FILE = "resnet18-f37072fd.pth"
 
@@ -23,23 +22,11 @@ def small_state():
     return {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3), "bn.num_batches_tracked": torch.tensor(7)}
 
 
-def assert_same_state(a, b):
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
 @pytest.fixture
 def umask():
     old = os.umask(0o022)
     yield os.umask
     os.umask(old)
-
-
-@pytest.fixture(scope="module")
-def tv_state():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18().state_dict()
 
 
 # --- atomic_save ------------------------------------------------------------------------------
@@ -271,96 +258,6 @@ def test_load_strict_unexpected_keys_named():
     model = ResNetCBAM(cbam_enabled=False)
     with pytest.raises(WeightsError, match=r"unexpected: cbam\.layer1"):
         load_strict(model, ResNetCBAM().state_dict(), "init_from=x.pt")
-
-
-# --- ImageNet weights through the torch hub cache ----------------------------------------------
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty torch hub dir; any download attempt fails as if offline."""
-    hub_dir = tmp_path / "torch_home" / "hub"
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub_dir))
-    calls = []
-
-    def offline(url, dst, *a, **k):
-        calls.append(url)
-        raise urllib.error.URLError("offline")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return hub_dir, calls
-
-
-def test_imagenet_weights_offline_message(hub):
-    hub_dir, calls = hub
-    with pytest.raises(WeightsError) as e:
-        imagenet_resnet18_state_dict()
-    msg = str(e.value)
-    assert calls and calls[0].endswith(TV_FILE)
-    assert "\n" not in msg
-    assert str(hub_dir / "checkpoints" / TV_FILE) in msg
-    assert "model.weights=" in msg and "model.pretrained=false" in msg and "offline" in msg
-    assert not (hub_dir / "checkpoints" / TV_FILE).exists()
-
-
-def test_imagenet_weights_from_cache_without_download(hub, tv_state, monkeypatch):
-    hub_dir, _ = hub
-
-    def no_download(*a, **k):
-        pytest.fail("download attempted although the file is cached")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    (hub_dir / "checkpoints").mkdir(parents=True)
-    torch.save(tv_state, hub_dir / "checkpoints" / TV_FILE)
-    assert_same_state(imagenet_resnet18_state_dict(), tv_state)
-
-
-def test_pretrained_initial_weights_from_cache(hub, tv_state):
-    hub_dir, calls = hub
-    (hub_dir / "checkpoints").mkdir(parents=True)
-    torch.save(tv_state, hub_dir / "checkpoints" / TV_FILE)
-    model = ResNetCBAM(num_classes=10)
-    report = load_initial_weights(model, None, pretrained=True)
-    assert calls == []
-    assert report.new_modules == ["conv1", "fc", "cbam"]
-    assert torch.equal(model.state_dict()["layer3.0.conv1.weight"], tv_state["layer3.0.conv1.weight"])
-
-
-def test_imagenet_weights_uncreatable_cache_dir(tmp_path, monkeypatch, hub):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("x")
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(blocker))
-    with pytest.raises(WeightsError):
-        imagenet_resnet18_state_dict()
-
-
-def test_load_initial_weights_nothing_asked(hub):
-    _, calls = hub
-    torch.manual_seed(0)
-    model = ResNetCBAM()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert load_initial_weights(model, weights=None, pretrained=False) is None
-    assert_same_state(model.state_dict(), before)
-    assert calls == []
-
-
-def test_load_initial_weights_file_overrides_pretrained(hub, tmp_path, tv_state):
-    _, calls = hub
-    torch.save({"model": tv_state}, tmp_path / "w.pt")
-    model = ResNetCBAM(num_classes=10)
-    report = load_initial_weights(model, str(tmp_path / "w.pt"), pretrained=True)
-    assert calls == []
-    assert report.new_modules == ["conv1", "fc", "cbam"]
-    assert torch.equal(model.state_dict()["layer1.0.bn1.running_var"], tv_state["layer1.0.bn1.running_var"])
-
-
-def test_weights_file_that_matches_nothing_is_refused(tmp_path):
-    torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    model = ResNetCBAM()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(WeightsError, match="no tensor in .* matches this model.*encoder.weight"):
-        load_initial_weights(model, str(tmp_path / "other.pt"), pretrained=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_files_without_num_batches_tracked_do_not_count_layers_as_new():
