@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cbam_train.config import DataConfig
-from cbam_train.imagefolder import DataError, file_loader, scan_image_folder  # noqa: F401 (re-exported)
+from cbam_train.imagefolder import DataError, ImageFiles, scan_image_folder  # noqa: F401 (DataError re-exported)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -29,19 +29,18 @@ CIFAR10_TEST = ["test_batch"]
 class ImageDataset(Dataset):
     """Images by index (uint8 (3, H, W)) with int labels, through an optional transform.
 
-    `take(indices)` returns many images at once as one uint8 (N, 3, H, W) tensor (for the in-memory
-    loader); by default it stacks `load`.
+    `materialize` returns the whole split as one uint8 (N, 3, H, W) tensor (for the in-memory loader),
+    through `load.take(indices)` when the source has it (TensorImages, ImageFiles), else by stacking.
     """
 
     def __init__(self, load: Callable[[int], torch.Tensor], labels: np.ndarray, indices: np.ndarray,
-                 transform: Optional[Callable] = None,
-                 take: Optional[Callable[[np.ndarray], torch.Tensor]] = None) -> None:
-        self.load, self.labels, self.indices, self.transform, self.take = load, labels, indices, transform, take
+                 transform: Optional[Callable] = None) -> None:
+        self.load, self.labels, self.indices, self.transform = load, labels, indices, transform
 
     def materialize(self) -> tuple:
         """(uint8 images (N, 3, H, W), int64 labels (N,)) of this split, in index order."""
-        images = (self.take(self.indices) if self.take is not None
-                  else torch.stack([self.load(int(i)) for i in self.indices]))
+        take = getattr(self.load, "take", None)
+        images = take(self.indices) if take is not None else torch.stack([self.load(int(i)) for i in self.indices])
         return images, torch.from_numpy(self.labels[self.indices])
 
     def nbytes(self) -> int:
@@ -218,27 +217,23 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
         tx, ty, sx, sy, classes = load_cifar10(cfg.root, cfg.download)
         x, labels = torch.from_numpy(tx), ty
         train_load = TensorImages(x)
-        take, test_images = train_load.take, TensorImages(torch.from_numpy(sx))
-        test = ImageDataset(test_images, sy, np.arange(len(sy)), take=test_images.take)
+        test = ImageDataset(TensorImages(torch.from_numpy(sx)), sy, np.arange(len(sy)))
     elif cfg.name == "synthetic":
         x, labels = make_synthetic(cfg.train_size, cfg.num_classes, cfg.image_size, seed, seed + 1)
         sx, sy = make_synthetic(cfg.test_size, cfg.num_classes, cfg.image_size, seed, seed + 2)
-        train_load, test_images = TensorImages(x), TensorImages(sx)
-        take, classes = train_load.take, [f"class{i}" for i in range(cfg.num_classes)]
-        test = ImageDataset(test_images, sy, np.arange(len(sy)), take=test_images.take)
+        train_load, classes = TensorImages(x), [f"class{i}" for i in range(cfg.num_classes)]
+        test = ImageDataset(TensorImages(sx), sy, np.arange(len(sy)))
     elif cfg.name == "imagefolder":
         root = Path(cfg.root)
         if not root.is_dir():
             raise DataError(f"data.root={cfg.root}: folder not found")
         paths, labels, classes, ignored = scan_image_folder(root / "train")
-        train_load = file_loader(paths, cfg.image_size)
-        take = train_load.take
+        train_load = ImageFiles(paths, cfg.image_size)
         if (root / "test").is_dir():
             tpaths, tlabels, tclasses, tignored = scan_image_folder(root / "test")
             if tclasses != classes:
                 raise DataError(f"data=imagefolder: {root / 'test'} classes {tclasses} differ from train's {classes}")
-            tload = file_loader(tpaths, cfg.image_size)
-            test = ImageDataset(tload, tlabels, np.arange(len(tlabels)), take=tload.take)
+            test = ImageDataset(ImageFiles(tpaths, cfg.image_size), tlabels, np.arange(len(tlabels)))
             ignored += tignored
         if ignored:
             warn(f"data=imagefolder: ignored {ignored} non-image file(s) under {root}")
@@ -253,10 +248,10 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
         mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:  # measure on up to 2,000 training images (deterministic sample)
         pick = np.sort(np.random.default_rng(seed).permutation(train_idx)[:2000])
-        mean, std = channel_stats(take(pick))
+        mean, std = channel_stats(train_load.take(pick))
         mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
-    return DataSplits(train=ImageDataset(train_load, labels, train_idx, take=take),
-                      val=ImageDataset(train_load, labels, val_idx, take=take),
+    return DataSplits(train=ImageDataset(train_load, labels, train_idx),
+                      val=ImageDataset(train_load, labels, val_idx),
                       test=test, classes=classes, mean=mean, std=std)
 
 

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from cbam_train.config import UserError
 
@@ -57,9 +59,6 @@ class ImageFiles:
         return {**self.__dict__, "_all": None}
 
     def __call__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as F
-
         try:
             with Image.open(self.paths[i]) as im:
                 img = F.pil_to_tensor(im.convert("RGB"))
@@ -81,11 +80,6 @@ class ImageFiles:
             self._all = torch.stack([self(i) for i in range(len(self.paths))])
             _write_decode_cache(self.paths, self.image_size, self._all)
         return self._all[torch.as_tensor(idx, dtype=torch.long)]
-
-
-def file_loader(paths: Sequence[Path], image_size: int) -> ImageFiles:
-    """The image files of one split (see ImageFiles)."""
-    return ImageFiles(paths, image_size)
 
 
 def _decode_cache_path(paths: Sequence[Path], image_size: int) -> Optional[Path]:
