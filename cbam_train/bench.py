@@ -16,8 +16,9 @@ from rich.table import Table
 from cbam_train.config import Config
 from cbam_train.report import Reporter, write_json_atomic
 from cbam_train.schedule import apply_stage
-from cbam_train.train import (backward_step, build_optimizer, compile_for_stage, evaluate, forward_loss,
-                              prepare_data, setup_device, start_run, train_one_epoch)
+from cbam_train.engine import (backward_step, build_optimizer, compile_for_stage, evaluate, forward_loss,
+                               setup_device, train_one_epoch)
+from cbam_train.train import prepare_data, start_run
 
 
 def _sync(device: torch.device) -> None:

@@ -1,8 +1,11 @@
-"""Weights in and out: atomic saves, weights-only loads, ImageNet weights through torchvision's cache."""
+"""Weights and checkpoints in and out: atomic saves, weights-only loads, ImageNet weights through
+torchvision's cache."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,8 @@ from torch import nn
 from cbam_train.config import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+CHECKPOINT_FORMAT = "cbam-train-checkpoint"
+CHECKPOINT_VERSION = 1  # bump when the layout changes; load_checkpoint refuses newer versions
 
 
 class WeightsError(UserError):
@@ -37,32 +42,88 @@ def atomic_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
-    """Read a plain state dict, a checkpoint holding one under 'model'/'state_dict', or torchvision's file.
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    Always weights_only=True: a file whose unpickling would run code is refused.
-    """
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make dst an atomic copy of src: a hard link (free; src's later replacement leaves it alone), else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path: str | Path, what: str = "resume") -> dict:
+    """A full cbam-train checkpoint (weights_only: unpickling cannot run code), checked for format and version."""
     path = Path(path)
+    obj = _load_untrusted(path, what, "checkpoint")
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{what}: {path} is not a cbam-train checkpoint (a plain state dict? "
+                           "use init_from=PATH to start a new run from its weights)")
+    if obj.get("version", 0) > CHECKPOINT_VERSION:
+        raise WeightsError(f"{what}: {path} has checkpoint format version {obj['version']}; this cbam-train reads "
+                           f"up to {CHECKPOINT_VERSION}: upgrade cbam-train")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _load_untrusted(path: Path, what: str, kind: str) -> Any:
+    """torch.load with weights_only=True: a file whose unpickling would run code is refused, nothing runs."""
     if not path.is_file():
         raise WeightsError(f"{what}: file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an untrusted file: any failure to read it is bad input, not a bug
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{what}: {path} is not a readable PyTorch weights file ({reason[:200]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or a pickle that would run code: all bad input, not a bug
+        raise WeightsError(f"{what}: {path} is not a readable {kind} ({_first_line(e)})") from None
+
+
+def read_weights(path: str | Path, what: str = "weights") -> tuple:
+    """(state dict, checkpoint or None) from a plain state dict, a cbam-train checkpoint (the second value,
+    without its model), a file holding one under 'model'/'state_dict', or torchvision's file."""
+    path = Path(path)
+    obj = _load_untrusted(path, what, "PyTorch weights file")
+    ckpt = None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        ckpt = {k: v for k, v in obj.items() if k != "model"}
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{what}: {path} does not hold a state dict (name -> tensor)")
     out = {}
     for k, v in obj.items():
         while k.startswith(WRAPPER_PREFIXES):  # e.g. _orig_mod.module.x from compile(DDP(model))
             k = k.split(".", 1)[1]
         out[k] = v
-    return out
+    return out, ckpt
+
+
+def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
+    """The state dict in a weights file or checkpoint (see read_weights)."""
+    return read_weights(path, what)[0]
 
 
 @dataclass
@@ -154,3 +215,21 @@ def load_initial_weights(model: nn.Module, weights: Optional[str], pretrained: b
     if pretrained:
         return load_matching(model, imagenet_resnet18_state_dict())
     return None
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact. Exit 1."""
+
+    exit_code = 1
+
+
+def save_checkpoint(state: dict, folder: Path, names: list, resume_hint: str) -> None:
+    """Write state atomically as folder/names[0]; names[1:] become links to (or copies of) it."""
+    first = Path(folder) / names[0]
+    try:
+        atomic_save(state, first)
+        for name in names[1:]:
+            link_or_copy(first, first.with_name(name))
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {first} ({e.strerror or e}); the previous checkpoint is "
+                              f"intact: free space and resume with: {resume_hint}") from None

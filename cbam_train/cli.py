@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from hydra.core.config_store import ConfigStore
 
 from cbam_train.config import Config, UserError, validate
+from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
 
 
 def find_conf_dir() -> Path:
@@ -33,13 +34,54 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-def fail(msg: str, code: int = 2) -> NoReturn:
+def fail(msg: str, code: int = 2, label: str = "error") -> NoReturn:
     """Print one red line to stderr and exit."""
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), msg))
+    if "Original Traceback" in msg:  # an error raised in a DataLoader worker: keep its own last line
+        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble((f"{label}: ", "bold red"), msg))
     sys.exit(code)
+
+
+def _value(args: list, key: str) -> str | None:
+    for a in args:
+        if override_key(a) == key and "=" in a:
+            return a.split("=", 1)[1]
+    return None
+
+
+def _quoted(path: Path) -> str:
+    """A path as a Hydra override value (quoted: paths may hold spaces, '=' or brackets)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def with_recorded_overrides(args: list) -> list:
+    """`resume=PATH` and `task=eval checkpoint=PATH` re-create the run's config: its recorded overrides come
+    first and the ones given now win; a resume also writes into the run's own dir (hydra.run.dir)."""
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    resume, ckpt = _value(overrides, "resume"), _value(overrides, "checkpoint")
+    target = resume if resume else ckpt if _value(overrides, "task") == "eval" else None
+    if not target:
+        return args
+    if resume and any(a in ("-m", "--multirun") for a in args):
+        fail("resume= continues one run; drop -m/--multirun")
+    key = "resume" if resume else "checkpoint"
+    path = Path(target).expanduser()
+    if not path.exists():
+        fail(f"{key}={target}: no such {'run dir or ' if resume else ''}checkpoint file")
+    path = path.resolve()
+    run_dir = run_dir_of(path)
+    try:
+        recorded = recorded_overrides(run_dir, path if path.is_file() else None)
+    except UserError as e:
+        fail(str(e), e.exit_code)
+    given = [f"{key}={_quoted(path)}" if override_key(a) == key else a for a in overrides]
+    if resume and run_dir is not None and _value(overrides, "hydra.run.dir") is None:
+        given.append(f"hydra.run.dir={_quoted(run_dir)}")
+    flags = [a for a in args if a not in overrides]
+    return flags + merge_overrides(recorded, given)
 
 
 def condense_hydra_error(text: str) -> str:
@@ -65,11 +107,16 @@ def _hydra_main(dcfg: DictConfig) -> None:
             fail(f"config: {condense_hydra_error(str(e))}")
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
-        record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(list(hc.overrides.task))}
+        overrides = list(hc.overrides.task)
+        record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
         if cfg.task == "train":
             from cbam_train.train import run
 
-            run(cfg, run_dir, record)
+            run(cfg, run_dir, record, overrides)
+        elif cfg.task == "eval":
+            from cbam_train.evaluation import run_eval
+
+            run_eval(cfg, run_dir, record)
         elif cfg.task == "bench":
             from cbam_train.bench import run_bench
 
@@ -80,7 +127,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         fail("interrupted", 130)
     except Exception as e:  # training failures we raise on purpose carry an exit code; anything else is a bug
         if hasattr(e, "exit_code"):
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, getattr(e, "label", "error"))
         raise
 
 
@@ -88,6 +135,7 @@ def main() -> None:
     """Console entry point. Hydra's own composition errors are captured and shown as one line."""
     global _real_stderr
     register_configs()
+    sys.argv = sys.argv[:1] + with_recorded_overrides(sys.argv[1:])
     _real_stderr = sys.stderr
     captured = io.StringIO()
     sys.stderr = captured

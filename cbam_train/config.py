@@ -56,6 +56,7 @@ class DataConfig:
     memory_budget_mb: int = 4096  # auto picks memory when the decoded splits fit in this
     augment_chunk: int = 4096  # memory loader: images augmented per call (rounded to whole batches)
     num_workers: int = 4  # torchvision loader only
+    bad_images: str = "error"  # imagefolder: a corrupt or truncated image stops the run (error) or is dropped (skip)
     mean: Optional[List[float]] = None  # per-channel, in [0, 1]; null: measured on the train split
     std: Optional[List[float]] = None
 
@@ -139,6 +140,18 @@ class LogConfig:
 
 
 @dataclass
+class TrainConfig:
+    nan_policy: str = "stop"  # stop: a non-finite loss ends the run (last good checkpoint kept) | skip_batch
+    checkpoint_every_n_epochs: int = 1  # checkpoints/last.pt every N epochs (and at every stage end); 0: never
+    checkpoint_every_n_steps: int = 0  # also mid-epoch, every N batches (0: off); resumes exactly mid-epoch
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # test | val (the held-out validation split, as training made it)
+
+
+@dataclass
 class BenchConfig:
     seconds: float = 5.0  # timing budget per measurement, after warm-up
     warmup_steps: int = 3
@@ -154,17 +167,20 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
+    resume: Optional[str] = None  # a run dir or checkpoint file: continue that run exactly (into its run dir)
+    checkpoint: Optional[str] = None  # task=eval: a model.pt or checkpoint file
     seed: int = 0
-    task: str = "train"  # train | bench (eval is reserved)
+    task: str = "train"  # train | eval | bench
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train", "bench")
-RESERVED_TASKS = ("eval",)
+TASKS = ("train", "eval", "bench")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -179,9 +195,11 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check what the types cannot (choices, ranges); raise ConfigError naming the key."""
-    if cfg.task in RESERVED_TASKS:
-        raise ConfigError(f"task={cfg.task} is reserved and not implemented in this version; use task=train or bench")
     _choice("task", cfg.task, TASKS)
+    if cfg.task == "eval" and not cfg.checkpoint:
+        raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.resume and cfg.task != "train":
+        raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
     m = cfg.model
     _choice("model.name", m.name, ("resnet18_cbam",))
     _choice("model.stem", m.stem, ("cifar", "imagenet"))
@@ -196,6 +214,7 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "eval_batch_size", "image_size", "num_classes", "train_size", "test_size"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.val_size", d.val_size, strict=False)
+    _choice("data.bad_images", d.bad_images, ("error", "skip"))
     _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
     _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
     _positive("data.augment_chunk", d.augment_chunk)
@@ -244,6 +263,10 @@ def validate(cfg: Config) -> Config:
     _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
     _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
+    _choice("train.nan_policy", cfg.train.nan_policy, ("stop", "skip_batch"))
+    _positive("train.checkpoint_every_n_epochs", cfg.train.checkpoint_every_n_epochs, strict=False)
+    _positive("train.checkpoint_every_n_steps", cfg.train.checkpoint_every_n_steps, strict=False)
+    _choice("eval.split", cfg.eval.split, ("test", "val"))
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
     _positive("bench.seconds", cfg.bench.seconds)
     _positive("bench.max_steps", cfg.bench.max_steps)

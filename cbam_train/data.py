@@ -10,11 +10,11 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from cbam_train.config import DataConfig
 from cbam_train.imagefolder import DataError, ImageFiles, scan_image_folder  # noqa: F401 (DataError re-exported)
@@ -41,19 +41,37 @@ class ImageDataset(Dataset):
         """(uint8 images (N, 3, H, W), int64 labels (N,)) of this split, in index order."""
         take = getattr(self.load, "take", None)
         images = take(self.indices) if take is not None else torch.stack([self.load(int(i)) for i in self.indices])
-        return images, torch.from_numpy(self.labels[self.indices])
+        labels = torch.from_numpy(self.labels[self.indices])
+        bad = getattr(self.load, "bad", None)  # unreadable images left out (data.bad_images=skip)
+        if bad:
+            keep = torch.as_tensor([int(i) not in bad for i in self.indices], dtype=torch.bool)
+            images, labels = images[keep], labels[keep]
+        return images, labels
 
     def nbytes(self) -> int:
         """Decoded size of this split in bytes (from one image)."""
-        return len(self) * (self.load(int(self.indices[0])).numel() if len(self) else 0)
+        if not len(self):
+            return 0
+        size = getattr(self.load, "image_size", None)  # image files: known without decoding one
+        return len(self) * (3 * size * size if size else self.load(int(self.indices[0])).numel())
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        """i, or (i, seed) from SeededOrder: the transform's random draws then come from that seed alone."""
+        i, seed = i if isinstance(i, tuple) else (i, None)
         j = int(self.indices[i])
         img = self.load(j)
-        return (self.transform(img) if self.transform else img), int(self.labels[j])
+        if img is None:  # an unreadable image under data.bad_images=skip; skip_none_collate drops it
+            return None
+        if self.transform is None:
+            return img, int(self.labels[j])
+        if seed is None:
+            return self.transform(img), int(self.labels[j])
+        with torch.random.fork_rng(devices=[]):  # leave the process's own RNG as it was (num_workers=0)
+            torch.default_generator.manual_seed(seed)
+            return self.transform(img), int(self.labels[j])
 
     def targets(self) -> np.ndarray:
         return self.labels[self.indices]
@@ -228,12 +246,12 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
         if not root.is_dir():
             raise DataError(f"data.root={cfg.root}: folder not found")
         paths, labels, classes, ignored = scan_image_folder(root / "train")
-        train_load = ImageFiles(paths, cfg.image_size)
+        train_load = ImageFiles(paths, cfg.image_size, cfg.bad_images)
         if (root / "test").is_dir():
             tpaths, tlabels, tclasses, tignored = scan_image_folder(root / "test")
             if tclasses != classes:
                 raise DataError(f"data=imagefolder: {root / 'test'} classes {tclasses} differ from train's {classes}")
-            test = ImageDataset(ImageFiles(tpaths, cfg.image_size), tlabels, np.arange(len(tlabels)))
+            test = ImageDataset(ImageFiles(tpaths, cfg.image_size, cfg.bad_images), tlabels, np.arange(len(tlabels)))
             ignored += tignored
         if ignored:
             warn(f"data=imagefolder: ignored {ignored} non-image file(s) under {root}")
@@ -248,18 +266,52 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
         mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:  # measure on up to 2,000 training images (deterministic sample)
         pick = np.sort(np.random.default_rng(seed).permutation(train_idx)[:2000])
-        mean, std = channel_stats(train_load.take(pick))
+        sample = train_load.take(pick)
+        bad = getattr(train_load, "bad", None)
+        if bad:
+            sample = sample[torch.as_tensor([int(i) not in bad for i in pick], dtype=torch.bool)]
+        mean, std = channel_stats(sample)
         mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
     return DataSplits(train=ImageDataset(train_load, labels, train_idx),
                       val=ImageDataset(train_load, labels, val_idx),
                       test=test, classes=classes, mean=mean, std=std)
 
 
+class SeededOrder(Sampler):
+    """(index, augmentation seed) pairs for torchvision's DataLoader: each pass draws a permutation (or keeps
+    the order) and one seed per sample from `generator` in the main process. The images a batch gets then do
+    not depend on the number of workers, and a pass can start at any sample (`skip`) for an exact resume."""
+
+    def __init__(self, n: int, shuffle: bool, generator: torch.Generator) -> None:
+        self.n, self.shuffle, self.generator = n, shuffle, generator
+        self.skip = 0  # samples the next pass leaves out (then reset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator:
+        g = self.generator
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        start, self.skip = self.skip, 0
+        return iter(zip(order[start:].tolist(), seeds[start:].tolist()))
+
+
+def skip_none_collate(batch: list):
+    """default_collate without the unreadable images ImageFiles gives as None under data.bad_images=skip."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise DataError("every image of a batch was unreadable (data.bad_images=skip); check the data folder")
+    return default_collate(kept)
+
+
 def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
                 pin_memory: bool = False, drop_partial: bool = False) -> DataLoader:
-    """A DataLoader; the training one shuffles with its own seeded generator (reproducible order)."""
+    """A DataLoader. The training one draws its order and a per-image augmentation seed from its own seeded
+    generator (SeededOrder): reproducible for any number of workers, and resumable at any batch."""
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, generator=g,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+    sampler = SeededOrder(len(ds), True, g) if train else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=g,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=skip_none_collate,
                       # BatchNorm cannot train on a batch of one; a compiled model recompiles for a partial one
                       drop_last=train and (drop_partial or len(ds) % batch_size == 1))

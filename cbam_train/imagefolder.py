@@ -48,37 +48,70 @@ class ImageFiles:
 
     `take` decodes the whole split once and caches it as one uint8 tensor in <root>/.cbam-cache/ (keyed by
     file names, sizes, mtimes and S), so the next run loads it in a second. A small subset (a `data.limit`
-    run) is decoded directly and not cached.
+    run) is decoded directly and not cached. An unreadable image raises DataError naming it
+    (bad_images="error") or is recorded in `bad` (index -> reason) and given as None / a zero image ("skip").
     """
 
-    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
-        self.paths, self.image_size = list(paths), image_size
+    def __init__(self, paths: Sequence[Path], image_size: int, bad_images: str = "error") -> None:
+        self.paths, self.image_size, self.bad_images = list(paths), image_size, bad_images
+        self.bad: dict = {}
         self._all: Optional[torch.Tensor] = None
 
     def __getstate__(self) -> dict:  # workers decode single files; never ship the decoded split to them
         return {**self.__dict__, "_all": None}
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def _decode(self, i: int) -> tuple:
         try:
             with Image.open(self.paths[i]) as im:
                 img = F.pil_to_tensor(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"data=imagefolder: cannot read image {self.paths[i]} ({e})") from None
+            return None, str(e).splitlines()[0] if str(e) else type(e).__name__
         s = self.image_size
         if img.shape[1:] != (s, s):
             img = F.center_crop(F.resize(img, s, antialias=True), [s, s])
+        return img, None
+
+    def _unreadable(self, found: dict) -> DataError:
+        i, reason = next(iter(found.items()))
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        return DataError(f"data=imagefolder: cannot read image {self.paths[i]} ({reason}){more}; fix or remove it, "
+                         "or set data.bad_images=skip to leave unreadable images out")
+
+    def __call__(self, i: int) -> Optional[torch.Tensor]:
+        img, reason = self._decode(i)
+        if img is None:
+            if self.bad_images == "error":
+                raise self._unreadable({i: reason})
+            self.bad[i] = reason
         return img
 
+    def _decode_many(self, idx) -> torch.Tensor:
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        out, found = [], {}
+        for i in idx:
+            img, reason = self._decode(int(i))
+            if img is None:
+                found[int(i)] = reason
+            out.append(blank if img is None else img)
+        if found and self.bad_images == "error":
+            raise self._unreadable(found)
+        self.bad.update(found)
+        return torch.stack(out) if out else blank.new_zeros(0, *blank.shape)
+
     def take(self, idx: np.ndarray) -> torch.Tensor:
+        """The images at idx as one uint8 (N, 3, S, S) tensor; unreadable ones (skip policy) are zeros, see `bad`."""
         if self._all is None:
-            self._all = _read_decode_cache(self.paths, self.image_size)
+            cached = _read_decode_cache(self.paths, self.image_size)
+            if cached is not None:
+                self._all, bad = cached
+                if bad and self.bad_images == "error":
+                    raise self._unreadable(bad)
+                self.bad.update(bad)
         if self._all is None and len(idx) * 4 < len(self.paths):
-            if not len(idx):
-                return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-            return torch.stack([self(int(i)) for i in idx])
+            return self._decode_many(idx)
         if self._all is None:
-            self._all = torch.stack([self(i) for i in range(len(self.paths))])
-            _write_decode_cache(self.paths, self.image_size, self._all)
+            self._all = self._decode_many(range(len(self.paths)))
+            _write_decode_cache(self.paths, self.image_size, self._all, self.bad)
         return self._all[torch.as_tensor(idx, dtype=torch.long)]
 
 
@@ -93,24 +126,29 @@ def _decode_cache_path(paths: Sequence[Path], image_size: int) -> Optional[Path]
     return split_dir.parent / ".cbam-cache" / f"{split_dir.name}-{image_size}px-{h.hexdigest()[:16]}.pt"
 
 
-def _read_decode_cache(paths: Sequence[Path], image_size: int) -> Optional[torch.Tensor]:
+def _read_decode_cache(paths: Sequence[Path], image_size: int) -> Optional[tuple]:
+    """(images, {index: reason} of unreadable files) from the cache, or None."""
     path = _decode_cache_path(paths, image_size)
     if path is None or not path.is_file():
         return None
     try:
-        x = torch.load(path, weights_only=True)
+        obj = torch.load(path, weights_only=True)
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
-    return x if isinstance(x, torch.Tensor) and x.shape == (len(paths), 3, image_size, image_size) else None
+    x, bad = (obj.get("images"), obj.get("bad")) if isinstance(obj, dict) else (None, None)
+    if not isinstance(x, torch.Tensor) or x.shape != (len(paths), 3, image_size, image_size) or \
+            not isinstance(bad, dict):
+        return None
+    return x, {int(k): str(v) for k, v in bad.items()}
 
 
-def _write_decode_cache(paths: Sequence[Path], image_size: int, images: torch.Tensor) -> None:
+def _write_decode_cache(paths: Sequence[Path], image_size: int, images: torch.Tensor, bad: dict) -> None:
     path = _decode_cache_path(paths, image_size)
     if path is None:
         return
     from cbam_train.checkpoint import atomic_save
 
     try:
-        atomic_save(images, path)
+        atomic_save({"images": images, "bad": dict(bad)}, path)
     except (OSError, RuntimeError):  # a read-only or full data folder only costs the next run a decode
         pass

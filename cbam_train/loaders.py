@@ -22,7 +22,8 @@ class MemoryLoader:
     No per-image Python and no worker processes: the transform runs on `chunk` images at a time (a
     whole number of batches; one gather and a few dozen kernels for thousands of images, so small
     batches do not pay per-kernel launch costs), and batches are slices of the result. The shuffle
-    order and every augmentation draw come from `generator` (on the images' device).
+    order and every augmentation draw come from `generator` (on the images' device). Setting `skip` makes the
+    next pass start at that batch, drawing exactly what a full pass draws (an exact mid-epoch resume).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
@@ -31,6 +32,7 @@ class MemoryLoader:
         self.images, self.labels, self.drop_partial = images, labels, drop_partial
         self.chunk = max(1, chunk // batch_size) * batch_size  # at least one batch
         self.batch_size, self.shuffle, self.transform, self.generator = batch_size, shuffle, transform, generator
+        self.skip = 0  # batches the next pass leaves out (then reset)
 
     def _n(self) -> int:
         n, rest = len(self.labels), len(self.labels) % self.batch_size
@@ -45,11 +47,12 @@ class MemoryLoader:
         n = len(self.labels)
         order = (torch.randperm(n, generator=self.generator, device=self.images.device) if self.shuffle
                  else torch.arange(n, device=self.images.device))
-        end = self._n()
+        end, first = self._n(), self.skip * self.batch_size
+        self.skip = 0
         for c in range(0, end, self.chunk):
             idx = order[c:min(c + self.chunk, end)]
-            x, y = self.transform(self.images[idx], self.generator), self.labels[idx]
-            for i in range(0, len(idx), self.batch_size):
+            x, y = self.transform(self.images[idx], self.generator), self.labels[idx]  # drawn even when skipped
+            for i in range(max(0, first - c), len(idx), self.batch_size):
                 yield x[i:i + self.batch_size], y[i:i + self.batch_size]
 
 
@@ -60,6 +63,14 @@ class Loaders:
     test: Optional[object]
     kind: str  # memory | torchvision
     augment: Optional[BatchAugment]  # the batched transform (memory loader only)
+    generator: Optional[torch.Generator] = None  # every random draw of the training data (order, augmentation)
+
+    def skip_train_batches(self, k: int) -> None:
+        """Make the next training pass start at batch k (for resuming mid-epoch)."""
+        if isinstance(self.train, MemoryLoader):
+            self.train.skip = k
+        else:
+            self.train.sampler.skip = k * self.train.batch_size
 
 
 def choose_loader(splits: DataSplits, loader: str, budget_mb: int) -> str:
@@ -70,34 +81,36 @@ def choose_loader(splits: DataSplits, loader: str, budget_mb: int) -> str:
     return "memory" if total <= budget_mb * 2**20 else "torchvision"
 
 
+def build_eval_loader(ds: ImageDataset, cfg: DataConfig, kind: str, device: torch.device, mean: tuple, std: tuple,
+                      workers: int):
+    """An unshuffled, unaugmented, normalised loader over one split, of the given kind."""
+    if kind == "memory":
+        images, labels = ds.materialize()
+
+        def eval_tf(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+            return normalize(x, mean, std)
+
+        return MemoryLoader(images.to(device), labels.to(device), cfg.eval_batch_size, False, eval_tf,
+                            torch.Generator(device=device), chunk=cfg.augment_chunk)
+    ds.transform = build_eval_transform(mean, std)
+    return make_loader(ds, cfg.eval_batch_size, False, workers, 0, device.type == "cuda")
+
+
 def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfig, device: torch.device, seed: int,
                   workers: int, drop_partial: bool = False) -> Loaders:
     """Train / val / test loaders of the configured kind, seeded; the train one augments (and drops a
     partial last batch with drop_partial)."""
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
+    mean, std = splits.mean, splits.std
+    val = build_eval_loader(splits.val, cfg, kind, device, mean, std, workers)
+    test = build_eval_loader(splits.test, cfg, kind, device, mean, std, workers) if splits.test is not None else None
     if kind == "memory":
         gen = torch.Generator(device=device).manual_seed(seed)
-        aug = BatchAugment(augment_cfg, cfg.image_size, splits.mean, splits.std)
-        mean, std = splits.mean, splits.std
-
-        def eval_tf(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
-            return normalize(x, mean, std)
-
-        def memory(ds: ImageDataset, batch: int, train: bool) -> MemoryLoader:
-            images, labels = ds.materialize()
-            return MemoryLoader(images.to(device), labels.to(device), batch, train, aug if train else eval_tf, gen,
-                                drop_partial, cfg.augment_chunk)
-
-        test = memory(splits.test, cfg.eval_batch_size, False) if splits.test is not None else None
-        return Loaders(memory(splits.train, cfg.batch_size, True), memory(splits.val, cfg.eval_batch_size, False),
-                       test, kind, aug)
-    splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, splits.mean, splits.std)
-    per_image_eval = build_eval_transform(splits.mean, splits.std)
-    splits.val.transform = per_image_eval
-    pin = device.type == "cuda"
-    test = None
-    if splits.test is not None:
-        splits.test.transform = per_image_eval
-        test = make_loader(splits.test, cfg.eval_batch_size, False, workers, seed, pin)
-    return Loaders(make_loader(splits.train, cfg.batch_size, True, workers, seed, pin, drop_partial),
-                   make_loader(splits.val, cfg.eval_batch_size, False, workers, seed, pin), test, kind, None)
+        aug = BatchAugment(augment_cfg, cfg.image_size, mean, std)
+        images, labels = splits.train.materialize()
+        train = MemoryLoader(images.to(device), labels.to(device), cfg.batch_size, True, aug, gen, drop_partial,
+                             cfg.augment_chunk)
+        return Loaders(train, val, test, kind, aug, gen)
+    splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, mean, std)
+    train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial)
+    return Loaders(train, val, test, kind, None, train.sampler.generator)

@@ -120,6 +120,16 @@ class Reporter:
         yield update
 
     # -- per epoch
+    def restore_metrics(self, rows: list) -> None:
+        """metrics.jsonl as of a checkpoint: exactly `rows` (later rows of a killed run are dropped)."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+
     def epoch(self, row: dict) -> None:
         if self._metrics is None:
             self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")

@@ -1,192 +1,44 @@
-"""The training loop: one epoch, evaluation, and the staged run that ties config, data and model."""
+"""The staged run: config, data and model tied together; checkpoints at every epoch, exact resume, and
+a clean stop on SIGINT / SIGTERM or a non-finite loss."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import random
+import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cbam_train.checkpoint import atomic_save, load_initial_weights, load_state_dict_file, load_strict
-from cbam_train.config import Config, DeviceConfig, OptimConfig, UserError
+from cbam_train.checkpoint import atomic_save, load_initial_weights, load_state_dict_file, load_strict, save_checkpoint
+from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.data import build_splits
+from cbam_train.engine import (EpochState, NonFiniteLoss, TrainingError, available_cpus, build_optimizer,
+                               compile_for_stage, evaluate, resolve_device, seed_everything, setup_device,
+                               train_one_epoch)
+from cbam_train.interrupt import Interrupted, StopRequest
 from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.report import Reporter
+from cbam_train.resume import (Resume, capture_rng, check_resume_config, check_resume_data, find_resume,
+                               make_checkpoint, restore_rng)
 from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, module_names, resolve_stages,
                                  trainable_parameters)
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log")
+RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log", "checkpoints")
 
 
-@dataclass
-class Amp:
-    """How a step runs: autocast dtype (None: fp32), fp16 loss scaler, memory format of the inputs."""
-
-    name: str = "fp32"
-    dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
-    memory_format: torch.memory_format = torch.contiguous_format
-
-
-def resolve_amp(cfg: DeviceConfig, device: torch.device) -> Amp:
-    """device.precision / device.channels_last for this device (auto: bf16 + channels_last on CUDA)."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    elif precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError(f"device.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
-                        "use device.precision=fp16 or fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    return Amp(precision, dtype, scaler, torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def compile_for_stage(model: nn.Module, cfg: DeviceConfig) -> nn.Module:
-    """torch.compile afresh for a stage: guards do not track requires_grad changes (pytorch#139476),
-    so a graph compiled while a layer was frozen would keep skipping its gradients."""
-    torch._dynamo.reset()
-    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                         backend=cfg.compile_backend)
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. the loss became NaN); exit 1."""
-
-    exit_code = 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def resolve_device(name: str) -> torch.device:
-    """device.name -> torch.device; auto picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device.name={name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the given (trainable) parameters; fused kernels on CUDA by default."""
-    params = list(params)
-    on_cuda = bool(params) and params[0].is_cuda
-    fused = cfg.fused if cfg.fused is not None else (True if on_cuda else None)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=fused)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, fused=fused)
-    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # validate() rejects it before this
-
-
-def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp) -> tuple:
-    """(logits, loss) under autocast; x is made channels_last when amp asks for it (a no-op if it is)."""
-    x = x.contiguous(memory_format=amp.memory_format)
-    with torch.autocast(x.device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-        logits = model(x)
-        return logits, F.cross_entropy(logits, y)
-
-
-def setup_device(model: nn.Module, cfg: DeviceConfig, device: torch.device) -> Amp:
-    """Move the model (in the configured memory format), set cuDNN autotuning; the Amp for the steps."""
-    amp = resolve_amp(cfg, device)
-    model.to(device, memory_format=amp.memory_format)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    return amp
-
-
-def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, amp: Amp) -> None:
-    """Backward and optimizer step, through the fp16 GradScaler when there is one."""
-    opt.zero_grad(set_to_none=True)
-    if amp.scaler is not None:
-        amp.scaler.scale(loss).backward()
-        amp.scaler.step(opt)
-        amp.scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-
-
-def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device,
-                    on_step: Callable, every_n_steps: int, where: str, amp: Optional[Amp] = None) -> dict:
-    """One pass over the loader. Loss/accuracy sums stay on the device; the host syncs every N steps."""
-    amp = amp or Amp()
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, t0 = 0, time.perf_counter()
-    for step, (x, y) in enumerate(loader, 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, loss = forward_loss(model, x, y, amp)
-        backward_step(loss, opt, amp)
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.argmax(1) == y).sum()
-        seen += y.shape[0]
-        if step % every_n_steps == 0 or step == len(loader):
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise TrainingError(f"non-finite loss at {where} step {step}; lower the learning rate "
-                                    "(lr=...) or check the data")
-            on_step(step, {"loss": mean_loss, "acc": correct.item() / seen,
-                           "img_per_s": seen / (time.perf_counter() - t0)})
-        else:
-            on_step(step)
-    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "n": seen,
-            "time_s": time.perf_counter() - t0}
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] = None) -> dict:
-    """Mean loss and accuracy over a loader, model in eval mode."""
-    amp = amp or Amp()
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
-    for x, y in loader:
-        x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        n += y.shape[0]
-    if n == 0:
-        return {"loss": None, "acc": None, "n": 0}
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
-
-
-def check_run_dir(run_dir: Path, files: tuple = RUN_FILES) -> None:
-    """Refuse to write into a folder that already holds a run's results (never overwrite them)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_run_dir(run_dir: Path, files: tuple = RUN_FILES, resuming: bool = False) -> None:
+    """Refuse to write into a folder that already holds a run's results (never overwrite them), unless
+    this is that run resuming; either way the folder must be writable."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run dir {run_dir} cannot be created ({e.strerror}); choose another with hydra.run.dir=PATH")
     taken = [f for f in files + (".hydra",) if (run_dir / f).exists()]
-    if taken:
+    if taken and not resuming:
         raise UserError(f"run dir {run_dir} already holds a run ({', '.join(taken)}); "
                         "choose another with hydra.run.dir=PATH")
     probe = run_dir / ".write_test"
@@ -197,10 +49,12 @@ def check_run_dir(run_dir: Path, files: tuple = RUN_FILES) -> None:
         raise UserError(f"run dir {run_dir} is not writable ({e.strerror}); choose another with hydra.run.dir=PATH")
 
 
-def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES) -> tuple:
+def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES,
+              resume: Optional[Resume] = None) -> tuple:
     """Everything that can fail fast, before any data is read: (stages, device, model, reporter).
 
-    Only after the run dir is known to be free is anything written into it (the config record in .hydra/).
+    Only after the run dir is known to be free (or to be the resumed run's own) is anything written into
+    it: the config record in .hydra/ (a resumed run keeps its original record).
     """
     stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)
     device = resolve_device(cfg.device.name)
@@ -209,22 +63,33 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
-    check_run_dir(run_dir, required)
-    for name, text in (record or {}).items():
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        (run_dir / ".hydra" / name).write_text(text)
+    same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
+    check_run_dir(run_dir, required, resuming=same_dir)
+    if same_dir and resume.ckpt is not None and (run_dir / "summary.json").is_file() \
+            and resume.ckpt["epoch"] >= stages[-1].first_epoch + stages[-1].epochs - 1:
+        raise UserError(f"resume: the run in {run_dir} already finished (summary.json); nothing to resume. "
+                        "To train longer, add epochs: schedule.stages.<name>.epochs=N")
+    if not same_dir:
+        for name, text in (record or {}).items():
+            (run_dir / ".hydra").mkdir(exist_ok=True)
+            (run_dir / ".hydra" / name).write_text(text)
     return stages, device, model, Reporter(run_dir, cfg.log.mode)
 
 
-def run(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
-    """The staged run: validate, build, train each selected stage, evaluate, write the outputs."""
+def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None) -> dict:
+    """The staged run: validate, build, train each selected stage (or the rest of them, with resume=),
+    evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint."""
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    stages, device, model, rep = start_run(cfg, run_dir, record)
+    resume = find_resume(cfg.resume)
+    stages, device, model, rep = start_run(cfg, run_dir, record, resume=resume)
     try:
-        return _run(cfg, run_dir, (record or {}).get("config.yaml", ""), stages, model, device, rep, t_start)
-    except (UserError, TrainingError) as e:
-        rep.log.print(f"error: {e}")  # the console gets it from the CLI; the log must say why the run stopped
+        with StopRequest(rep.warn) as stop:
+            return _run(cfg, run_dir, (record or {}).get("config.yaml", ""), list(overrides or []), stages, model,
+                        device, rep, t_start, resume, stop)
+    except (UserError, TrainingError, Interrupted) as e:
+        # the console gets it from the CLI; the log must say why the run stopped
+        rep.log.print(f"{getattr(e, 'label', 'error')}: {e}")
         raise
     finally:
         rep.close()
@@ -260,6 +125,11 @@ def prepare_data(cfg: Config, device: torch.device, rep: Reporter) -> tuple:
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
     loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile)
+    bad = getattr(splits.train.load, "bad", None)
+    if bad:  # data.bad_images=skip (under error, reading them raised)
+        first = splits.train.load.paths[next(iter(bad))]
+        rep.warn(f"data.bad_images=skip: left out {len(bad)} unreadable image(s), e.g. {first} "
+                 f"({next(iter(bad.values()))})")
     how = (f"in {device.type} memory (loaded in {time.perf_counter() - t0:.1f} s), batched augmentation"
            if loaders.kind == "memory" else f"torchvision DataLoader, {workers} worker(s)")
     rep.print(f"data: {cfg.data.name} | train {len(splits.train)} | val {len(splits.val)} | "
@@ -279,47 +149,136 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
     return rows
 
 
-def _run(cfg: Config, run_dir: Path, config_yaml: str, stages: list, model: nn.Module, device: torch.device,
-         rep: Reporter, t_start: float) -> dict:
+class _Saver:
+    """Writes checkpoints of the run: what goes in them and where; remembers the last one for messages."""
+
+    def __init__(self, cfg: Config, overrides: list, run_dir: Path, model: nn.Module, amp, data: dict) -> None:
+        self.cfg, self.overrides, self.model, self.amp, self.data = cfg, overrides, model, amp, data
+        self.folder, self.hint = run_dir / "checkpoints", f"cbam-train resume={run_dir}"
+        self.last: Optional[str] = None  # "epoch 3" / "epoch 4 step 20", for messages
+
+    def __call__(self, names: list, opt, stage, epoch: int, partial: Optional[EpochState], rng: dict,
+                 history: list, best_val: Optional[float]) -> None:
+        state = make_checkpoint(self.cfg, self.overrides, self.model, opt, self.amp.scaler, stage, epoch, partial,
+                                rng, history, best_val, self.data)
+        save_checkpoint(state, self.folder, names, self.hint)
+        self.last = f"epoch {epoch}" + (f" + {partial.step} step(s) of epoch {epoch + 1}" if partial else "")
+
+
+def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: list, model: nn.Module,
+         device: torch.device, rep: Reporter, t_start: float, resume: Optional[Resume], stop: StopRequest) -> dict:
     if config_yaml:
         rep.config(config_yaml)
+    ckpt = resume.ckpt if resume is not None else None
+    if resume is not None:
+        rep.print(resume.describe())
     splits, loaders = prepare_data(cfg, device, rep)
-    load_weights(cfg, model, stages, rep)
+    data = {"classes": list(splits.classes), "mean": list(splits.mean), "std": list(splits.std),
+            "n_train": len(splits.train), "n_val": len(splits.val)}
+    if ckpt is not None:
+        source = f"resume={resume.path}"
+        changed = check_resume_config(ckpt["config"], dataclasses.asdict(cfg), str(resume.path))
+        if changed:
+            rep.warn(f"resuming with changed settings, so results will differ from an uninterrupted run: "
+                     f"{'; '.join(changed)}")
+        check_resume_data(ckpt["data"], data, str(resume.path))
+        load_strict(model, ckpt["model"], source)
+    else:
+        load_weights(cfg, model, stages, rep)
     amp = setup_device(model, cfg.device, device)
+    if ckpt is not None and amp.scaler is not None and ckpt.get("scaler"):
+        amp.scaler.load_state_dict(ckpt["scaler"])
     stage_rows = stage_table_rows(model, stages)
     rep.stage_table(stage_rows)
 
-    best_val, last_val, epochs_run = None, None, 0
+    history = list(ckpt["history"]) if ckpt is not None else []
+    if resume is not None:
+        rep.restore_metrics(history)  # rows written after the checkpoint are dropped, not duplicated
+    done = ckpt["epoch"] if ckpt is not None else 0  # last finished epoch
+    best_val = ckpt["best_val_acc"] if ckpt is not None else None
+    pending = ckpt  # RNG, optimizer and mid-epoch state still to restore, at the first epoch that runs
+    save = _Saver(cfg, overrides, run_dir, model, amp, data)
+    every_epochs = cfg.train.checkpoint_every_n_epochs
+    stop.arm()
     for st in stages:
+        last_epoch = st.first_epoch + st.epochs - 1
+        if last_epoch <= done:
+            continue
         params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
         opt = build_optimizer(params, cfg.optim, st.lr)
+        if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
+            try:
+                opt.load_state_dict(pending["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
+                                  f"({e}); its trainable modules or optim.* changed") from None
         step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
         rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
                    f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
-        for e in range(st.epochs):
-            epoch = st.first_epoch + e
+        for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
             where = f"epoch {epoch} ({st.name})"
+            partial = None
+            if pending is not None:
+                restore_rng(pending["rng"], loaders.generator)
+                if pending["step"]:
+                    partial = EpochState(**pending["partial"])
+                    loaders.skip_train_batches(partial.step)
+                pending = None
+            epoch_rng = capture_rng(loaders.generator)  # what a mid-epoch checkpoint restores before skipping
+
+            def mid_epoch(state: EpochState) -> None:
+                save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val)
+
             with rep.progress(len(loaders.train), where) as on_step:
-                tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps, where,
-                                     amp)
+                try:
+                    tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
+                                         where, amp, partial, cfg.train.nan_policy, stop, mid_epoch,
+                                         cfg.train.checkpoint_every_n_steps)
+                except NonFiniteLoss as e:
+                    kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
+                        "no checkpoint was written in this run"
+                    raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), check the data, "
+                                        "or set train.nan_policy=skip_batch") from None
+            if tr["stopped"]:
+                save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val)
+                _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
             va = evaluate(model, loaders.val, device, amp)
-            epochs_run += 1
-            last_val = va["acc"]
-            if va["acc"] is not None and (best_val is None or va["acc"] > best_val):
-                best_val = va["acc"]
-            rep.epoch({"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": st.lr,
-                       "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                       "val_acc": va["acc"], "epoch_time_s": round(tr["time_s"], 4),
-                       "train_images_per_s": round(tr["n"] / tr["time_s"], 2)})
+            new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
+            best_val = va["acc"] if new_best else best_val
+            row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": st.lr,
+                   "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                   "val_acc": va["acc"], "skipped_batches": tr["skipped"], "epoch_time_s": round(tr["time_s"], 4),
+                   "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
+            history.append(row)
+            rep.epoch(row)
+            if tr["skipped"]:
+                rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
+            names = ["last.pt"] * bool(every_epochs and (epoch % every_epochs == 0 or epoch == last_epoch or new_best))
+            names += ["best.pt"] * bool(names and new_best) + [f"stage{st.index}-{st.name}.pt"] * bool(
+                names and epoch == last_epoch)
+            if names or stop():
+                save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val)
+            if stop():
+                _interrupted(stop, rep, run_dir, f"the end of {where}")
 
     test = evaluate(model, loaders.test, device, amp) if loaders.test is not None else None
     atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+    last_val = history[-1]["val_acc"] if history else None
     summary = {"final_val_acc": last_val, "best_val_acc": best_val,
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
-               "epochs_run": epochs_run, "wall_time_s": round(time.perf_counter() - t_start, 3),
+               "epochs_run": len(history), "wall_time_s": round(time.perf_counter() - t_start, 3),
+               "resumed_from": str(resume.path) if resume is not None and resume.path else None,
                "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
                           for r in stage_rows],
                "device": str(device), "loader": loaders.kind, "precision": amp.name,
-               "classes": splits.classes, "config": dataclasses.asdict(cfg)}
+               "classes": splits.classes, "data_mean": list(splits.mean), "data_std": list(splits.std),
+               "config": dataclasses.asdict(cfg)}
     rep.summary(summary)
     return summary
+
+
+def _interrupted(stop: StopRequest, rep: Reporter, run_dir: Path, where: str) -> None:
+    name = signal.Signals(stop.signum).name
+    rep.print(f"{name}: stopped at {where}; saved {run_dir / 'checkpoints' / 'last.pt'}", quiet_too=True)
+    rep.print(f"resume with: cbam-train resume={run_dir}", quiet_too=True)
+    raise Interrupted(f"{name} at {where}; resume with: cbam-train resume={run_dir}", stop.signum)

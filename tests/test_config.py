@@ -28,7 +28,12 @@ from conftest import compose_config
     ("device.name=tpu", "device.name: unknown value 'tpu'"),
     ("device.precision=fp8", "device.precision: unknown value 'fp8'"),
     ("log.mode=loud", "log.mode: unknown value 'loud'"),
-    ("task=eval", "task=eval is reserved"),
+    ("task=eval", "task=eval needs checkpoint=PATH"),
+        ("task=bench resume=x", "resume= only applies to task=train"),
+        ("train.nan_policy=ignore", "train.nan_policy: unknown value"),
+        ("train.checkpoint_every_n_epochs=-1", "train.checkpoint_every_n_epochs must be >= 0"),
+        ("eval.split=train", "eval.split: unknown value"),
+        ("data=imagefolder data.root=x data.bad_images=fix", "data.bad_images: unknown value"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:

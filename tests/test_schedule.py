@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cbam_train import train
+from cbam_train import engine as train
 from cbam_train.config import ConfigError, StageConfig
 from cbam_train.models.resnet import ResNetCBAM
 from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, resolve_stages,

@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from cbam_train.checkpoint import WeightsError
-from cbam_train.train import TrainingError, run
+from cbam_train.engine import TrainingError
+from cbam_train.train import run
 from conftest import compose_config
 
 TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32",
@@ -97,7 +98,7 @@ def test_rich_and_quiet_modes_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("precision, scaler", [("bf16", False), ("fp16", True), ("fp32", False)])
 def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
-    from cbam_train.train import resolve_amp
+    from cbam_train.engine import resolve_amp
 
     cfg = compose_config(TINY + [f"device.precision={precision}", "device.channels_last=true", "stage=full"])
     amp = resolve_amp(cfg.device, torch.device("cpu"))
@@ -112,7 +113,7 @@ def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
 
 
 def test_auto_precision_is_fp32_on_cpu():
-    from cbam_train.train import resolve_amp
+    from cbam_train.engine import resolve_amp
 
     amp = resolve_amp(compose_config(["device=auto"]).device, torch.device("cpu"))
     assert amp.name == "fp32" and amp.dtype is None and amp.memory_format == torch.contiguous_format
@@ -124,7 +125,7 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     from cbam_train.config import DeviceConfig
     from cbam_train.models import ResNetCBAM
     from cbam_train.schedule import apply_stage
-    from cbam_train.train import compile_for_stage, train_one_epoch
+    from cbam_train.engine import compile_for_stage, train_one_epoch
 
     torch.manual_seed(0)
     model = ResNetCBAM()
@@ -144,7 +145,7 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_forward_runs_under_the_configured_autocast(precision, dtype):
     from cbam_train.models import ResNetCBAM
-    from cbam_train.train import forward_loss, setup_device
+    from cbam_train.engine import forward_loss, setup_device
 
     model = ResNetCBAM()
     amp = setup_device(model, compose_config(["device=cpu", f"device.precision={precision}",

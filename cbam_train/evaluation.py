@@ -1,0 +1,98 @@
+"""`cbam-train task=eval checkpoint=PATH`: a model.pt or checkpoint on the test (or validation) split;
+accuracy, loss, per-class accuracy and the confusion matrix to the console and eval.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from rich.table import Table
+
+from cbam_train.checkpoint import load_strict, read_weights
+from cbam_train.config import Config, UserError
+from cbam_train.data import build_splits
+from cbam_train.engine import available_cpus, evaluate, resolve_device, setup_device
+from cbam_train.loaders import build_eval_loader, choose_loader
+from cbam_train.models import build_model
+from cbam_train.report import Reporter, write_json_atomic
+from cbam_train.train import check_run_dir
+
+EVAL_FILES = ("eval.json", "train.log")
+
+
+def saved_normalisation(path: Path, ckpt: Optional[dict]) -> tuple:
+    """(mean, std) the model was trained with: from the checkpoint, or the summary.json beside a model.pt."""
+    if ckpt is not None and ckpt.get("data"):
+        return ckpt["data"]["mean"], ckpt["data"]["std"]
+    summary = path.parent / "summary.json"
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            return s.get("data_mean"), s.get("data_std")
+        except (OSError, ValueError):
+            pass
+    return None, None
+
+
+def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
+    """Evaluate cfg.checkpoint on cfg.eval.split of cfg.data; write eval.json into run_dir."""
+    t0 = time.perf_counter()
+    run_dir, path = Path(run_dir), Path(cfg.checkpoint)
+    device = resolve_device(cfg.device.name)
+    state, ckpt = read_weights(path, f"checkpoint={cfg.checkpoint}")
+    model = build_model(cfg.model)
+    load_strict(model, state, f"checkpoint={cfg.checkpoint}")
+    check_run_dir(run_dir, EVAL_FILES)
+    for name, text in (record or {}).items():
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / name).write_text(text)
+    rep = Reporter(run_dir, cfg.log.mode)
+    try:
+        data_cfg = cfg.data
+        mean, std = saved_normalisation(path, ckpt)
+        if data_cfg.mean is None and data_cfg.std is None and mean and std:
+            data_cfg = dataclasses.replace(data_cfg, mean=list(mean), std=list(std))
+        splits = build_splits(data_cfg, cfg.seed, cfg.model.num_classes, warn=rep.warn)
+        ds = splits.test if cfg.eval.split == "test" else splits.val
+        if ds is None or len(ds) == 0:
+            raise UserError(f"eval.split={cfg.eval.split}: data={cfg.data.name} has no {cfg.eval.split} split here "
+                            f"(an image folder without test/?); use eval.split=val")
+        kind = choose_loader(splits, cfg.data.loader, cfg.data.memory_budget_mb)
+        loader = build_eval_loader(ds, cfg.data, kind, device, splits.mean, splits.std,
+                                   min(cfg.data.num_workers, available_cpus()))
+        amp = setup_device(model, cfg.device, device)
+        res = evaluate(model, loader, device, amp, num_classes=len(splits.classes))
+        confusion = res["confusion"]
+        per_class = {c: (row[i] / sum(row) if sum(row) else None)
+                     for i, (c, row) in enumerate(zip(splits.classes, confusion))}
+        out = {"checkpoint": str(path), "split": cfg.eval.split, "data": cfg.data.name, "n": res["n"],
+               "accuracy": res["acc"], "loss": res["loss"], "per_class": per_class, "classes": list(splits.classes),
+               "confusion": confusion, "device": str(device), "precision": amp.name,
+               "wall_time_s": round(time.perf_counter() - t0, 3)}
+        write_json_atomic(run_dir / "eval.json", out)
+        rep.print(eval_tables(out), quiet_too=True)
+        rep.print(f"wrote {run_dir / 'eval.json'}")
+        return out
+    except UserError as e:
+        rep.log.print(f"error: {e}")
+        raise
+    finally:
+        rep.close()
+
+
+def eval_tables(out: dict) -> Table:
+    """Accuracy per class beside the confusion matrix (rows: true class, columns: predicted)."""
+    classes = out["classes"]
+    t = Table(title=f"{out['split']} split: accuracy {100 * out['accuracy']:.2f}% | loss {out['loss']:.4f} | "
+                    f"{out['n']} images")
+    t.add_column("true \\ pred")
+    t.add_column("acc", justify="right")
+    for i in range(len(classes)):
+        t.add_column(str(i), justify="right")
+    for i, (c, row) in enumerate(zip(classes, out["confusion"])):
+        acc = out["per_class"][c]
+        t.add_row(f"{i} {c}", "n/a" if acc is None else f"{100 * acc:.1f}%", *map(str, row))
+    return t

@@ -1,0 +1,55 @@
+"""SIGINT / SIGTERM during training: the first asks the loop to stop at the next safe point (after the
+current step), where it writes checkpoints/last.pt; a second one aborts at once."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Callable, Optional
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, what shells report
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving its state; the CLI exits with 130 (SIGINT) or 143 (SIGTERM)."""
+
+    label = "stopped"
+
+    def __init__(self, msg: str, signum: int) -> None:
+        super().__init__(msg)
+        self.exit_code = EXIT_CODES.get(signum, 1)
+
+
+class StopRequest:
+    """Installed for the training loop (`with StopRequest(notify) as stop:`); `stop.signum` is set by the
+    first signal. Before `arm()` (while data loads) a signal stops the run at once, as it would without us."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        self.notify, self.signum, self.armed = notify, None, False
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for s in EXIT_CODES:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test runner's worker thread)
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        if not self.armed or self.signum is not None:
+            raise Interrupted(f"{name}: aborted at once; the last checkpoint written before is kept", signum)
+        self.signum = signum
+        self.notify(f"{name} received: stopping after this step and saving checkpoints/last.pt "
+                    f"({'press Ctrl-C again' if signum == signal.SIGINT else 'send it again'} to abort at once)")
