@@ -78,7 +78,10 @@ def with_recorded_overrides(args: list) -> list:
     except UserError as e:
         fail(str(e), e.exit_code)
     given = [f"{key}={_quoted(path)}" if override_key(a) == key else a for a in overrides]
-    if resume and run_dir is not None and _value(overrides, "hydra.run.dir") is None:
+    # the run's own dir only when continuing from its latest state; an earlier checkpoint (best.pt, stage*.pt)
+    # branches into a new run dir and leaves the run's later results alone
+    latest = path.is_dir() or (run_dir is not None and path == (run_dir / "checkpoints" / "last.pt").resolve())
+    if resume and run_dir is not None and latest and _value(overrides, "hydra.run.dir") is None:
         given.append(f"hydra.run.dir={_quoted(run_dir)}")
     flags = [a for a in args if a not in overrides]
     return flags + merge_overrides(recorded, given)

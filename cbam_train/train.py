@@ -64,6 +64,10 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
     same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
+    if same_dir and resume.path is not None and \
+            resume.path.resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
+        raise UserError(f"resume={resume.path}: an earlier checkpoint cannot continue in its own run dir (that would "
+                        "overwrite the run's later results); drop hydra.run.dir= to branch into a new run dir")
     check_run_dir(run_dir, required, resuming=same_dir)
     if same_dir and resume.ckpt is not None and (run_dir / "summary.json").is_file() \
             and resume.ckpt["epoch"] >= stages[-1].first_epoch + stages[-1].epochs - 1:

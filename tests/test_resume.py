@@ -1,0 +1,325 @@
+"""Checkpoints and exact resume, through the real CLI: SIGKILL at several points and resume gives the
+bit-identical metrics.jsonl and model.pt of an uninterrupted run; SIGINT/SIGTERM stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+# 12 batches per epoch, 2 epochs per stage: kills can land inside a stage, at its boundary and mid-epoch
+BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
+        "data.batch_size=16", "log.mode=plain", "log.every_n_steps=1", "schedule.stages.head.epochs=2",
+        "schedule.stages.high.epochs=2", "schedule.stages.full.epochs=2"]
+TIME_FIELDS = ("epoch_time_s", "train_images_per_s")
+
+
+def start(args: list, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    return subprocess.Popen([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def run_until(args: list, cwd: Path, line_part: str | None = None, sig: int = signal.SIGKILL) -> tuple:
+    """Run the CLI; send `sig` as soon as an output line contains line_part. (returncode, output)."""
+    p = start(args, cwd)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line_part is not None and line_part in line:
+            p.send_signal(sig)
+            if sig == signal.SIGKILL:
+                break
+            line_part = None  # the run goes on to its safe point; read the rest
+    out.append(p.stdout.read())
+    p.wait(timeout=300)
+    return p.returncode, "".join(out)
+
+
+def rows(run_dir: Path) -> list:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIME_FIELDS}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert rows(a) == rows(b)
+    sa, sb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed one is compared with."""
+    tmp = tmp_path_factory.mktemp("ref")
+    rc, out = run_until(BASE + [f"hydra.run.dir={tmp / 'run'}"], tmp)
+    assert rc == 0, out
+    assert len(rows(tmp / "run")) == 6
+    return tmp / "run"
+
+
+def test_checkpoints_hold_everything_a_resume_needs(reference):
+    ck = reference / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best.pt", "last.pt", "stage1-head.pt", "stage2-high.pt",
+                                                    "stage3-full.pt"]
+    last = torch.load(ck / "last.pt", weights_only=True)
+    assert last["format"] == CHECKPOINT_FORMAT and last["version"] == CHECKPOINT_VERSION
+    assert (last["epoch"], last["step"], last["stage"], last["stage_name"]) == (6, 0, 3, "full")
+    assert set(last["rng"]) == {"python", "numpy", "torch", "cuda", "loader"}
+    assert last["optimizer"]["state"] and last["config"]["data"]["train_size"] == 224
+    assert [r["epoch"] for r in last["history"]] == [1, 2, 3, 4, 5, 6]
+    model = torch.load(reference / "model.pt", weights_only=True)
+    assert all(torch.equal(model[k], last["model"][k]) for k in model)
+    head = torch.load(ck / "stage1-head.pt", weights_only=True)
+    assert (head["epoch"], head["stage_name"]) == (2, "head")
+    vals = [r["val_acc"] for r in rows(reference)]
+    best = torch.load(ck / "best.pt", weights_only=True)
+    assert best["epoch"] == vals.index(max(vals)) + 1 and best["best_val_acc"] == max(vals)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
+    """Four real SIGKILLs in one run: mid-epoch in the first stage (resumed from a mid-epoch checkpoint), at the
+    stage-1/2 boundary, mid-epoch in stage 2, and just after an epoch's metrics row (its checkpoint may or may
+    not be on disk). train.checkpoint_every_n_steps only adds checkpoints: it must not change a number."""
+    run = tmp_path / "run"
+    rc, out = run_until(BASE + ["train.checkpoint_every_n_steps=3", f"hydra.run.dir={run}"], tmp_path,
+                        "epoch 1 (head) step 4/")
+    assert rc == -signal.SIGKILL, out
+    resumed = []
+    for kill_at in ("stage 2/3", "epoch 4 (high) step 8/", "epoch   5 [full]", None):
+        rc, out = run_until([f"resume={run}"], tmp_path, kill_at)
+        assert rc == (0 if kill_at is None else -signal.SIGKILL), out
+        resumed.append(next(line for line in out.splitlines() if line.startswith("resuming from")))
+    assert "step 3 of epoch 1" in resumed[0]  # continued mid-epoch, inside the first stage
+    assert_same_run(reference, run)
+    assert (run / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_killed_before_the_first_checkpoint_starts_over_in_the_same_dir(reference, tmp_path):
+    run = tmp_path / "run"
+    rc, _ = run_until(BASE + [f"hydra.run.dir={run}"], tmp_path, "epoch 1 (head) step 2/")
+    assert rc == -signal.SIGKILL and not (run / "checkpoints" / "last.pt").exists()
+    rc, out = run_until([f"resume={run}"], tmp_path)
+    assert rc == 0, out
+    assert "no checkpoint yet: starting the run again" in out
+    assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_at_a_safe_point_saves_and_resumes_exactly(reference, tmp_path, sig, code):
+    run = tmp_path / "run"
+    rc, out = run_until(BASE + [f"hydra.run.dir={run}"], tmp_path, "epoch 3 (high) step 5/", sig)
+    assert rc == code, out
+    assert f"resume with: cbam-train resume={run}" in out
+    assert "Traceback" not in out
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and 5 <= last["step"] < 12  # stopped mid-epoch 3, after the step it was in
+    assert len(rows(run)) == 2 and not (run / "model.pt").exists()
+    # a harmless change (logging) is allowed and changes no number
+    rc, out = run_until([f"resume={run}", "log.every_n_steps=4"], tmp_path)
+    assert rc == 0, out
+    assert_same_run(reference, run)
+
+
+def test_resuming_a_finished_run_is_refused(reference, cli):
+    before = (reference / "metrics.jsonl").read_bytes()
+    proc = cli(f"resume={reference}", run_dir=reference)
+    assert proc.returncode == 2 and "already finished" in proc.stderr
+    assert (reference / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_from_an_earlier_checkpoint_branches_into_a_new_dir(reference, tmp_path):
+    """stage1-head.pt of a finished run: the rest of the schedule runs in a new dir, bit-identical to the
+    original; the original's files are untouched."""
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.is_file()}
+    branch = tmp_path / "branch"
+    rc, out = run_until([f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", f"hydra.run.dir={branch}"],
+                        tmp_path)
+    assert rc == 0, out
+    assert_same_run(reference, branch)
+    assert before == {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("override, key", [("model.cbam.reduction=8", "model.cbam.reduction: 16 -> 8"),
+                                           ("data.train_size=96", "data.train_size: 224 -> 96"),
+                                           ("seed=3", "seed: 0 -> 3")])
+def test_resume_that_changes_model_or_data_is_refused_naming_the_keys(reference, cli, tmp_path, override, key):
+    proc = cli(f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", override)
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: resume:") and key in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_of_an_earlier_checkpoint_into_its_own_dir_is_refused(reference, cli):
+    before = (reference / "metrics.jsonl").read_bytes()
+    proc = cli(f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", run_dir=reference)
+    assert proc.returncode == 2 and "would overwrite the run's later results" in proc.stderr
+    assert (reference / "metrics.jsonl").read_bytes() == before
+
+
+# --- in-process: the torchvision loader, non-finite losses, a full disk ------------------------------------
+
+TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+        "data.batch_size=16", "log.mode=quiet"]
+
+
+def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_path):
+    from cbam_train.train import run
+    from conftest import compose_config
+
+    for w in (0, 2):
+        run(compose_config(TINY + ["data.loader=torchvision", f"data.num_workers={w}", "stage=head"]),
+            tmp_path / f"w{w}")
+    assert_same_run(tmp_path / "w0", tmp_path / "w2")
+
+
+@pytest.mark.parametrize("loader", ["memory", "torchvision"])
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader):
+    """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
+    dir) reproduces the rest of the run exactly, for both kinds of loader."""
+    import shutil
+
+    from cbam_train import train
+    from conftest import compose_config
+
+    saved = []
+    real_save = train.save_checkpoint
+
+    def keep_copies(state, folder, names, hint):
+        real_save(state, folder, names, hint)
+        copy = folder.parent.parent / f"ck{len(saved)}.pt"
+        shutil.copyfile(folder / names[0], copy)
+        saved.append((state["epoch"], state["step"], copy))
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_copies)
+    args = TINY + [f"data.loader={loader}", "train.checkpoint_every_n_steps=2"]
+    train.run(compose_config(args), tmp_path / "full")
+    mid = [(e, s, p) for e, s, p in saved if s and e == 1]  # epoch 2 (stage 'high') in progress
+    assert mid, saved
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.run(compose_config(args + [f"resume={mid[0][2]}"]), tmp_path / "resumed")
+    assert_same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_batch"])
+def test_non_finite_loss(tmp_path, monkeypatch, policy):
+    """A NaN loss at epoch 2 step 2: `stop` ends the run naming the step, with epoch 1's checkpoint kept;
+    `skip_batch` leaves that batch out of the update and the run finishes."""
+    from cbam_train import engine
+    from cbam_train.engine import TrainingError
+    from cbam_train.train import run
+    from conftest import compose_config
+
+    real = engine.forward_loss
+    calls = {"n": 0}
+
+    def nan_at_step_6(model, x, y, amp):  # 4 batches per epoch: call 6 is epoch 2, step 2
+        calls["n"] += 1
+        logits, loss = real(model, x, y, amp)
+        return logits, loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(engine, "forward_loss", nan_at_step_6)
+    cfg = compose_config(TINY + [f"train.nan_policy={policy}"])
+    run_dir = tmp_path / "run"
+    if policy == "stop":
+        with pytest.raises(TrainingError) as e:
+            run(cfg, run_dir)
+        assert "non-finite loss at epoch 2 (high) step 2" in str(e.value)
+        assert "checkpoints/last.pt (epoch 1) is the last good state" in str(e.value)
+        last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values()
+                                          if v.is_floating_point())
+        assert not (run_dir / "model.pt").exists()
+    else:
+        s = run(cfg, run_dir)
+        r = rows(run_dir)
+        assert [x["skipped_batches"] for x in r] == [0, 1, 0]
+        assert all(x["train_loss"] == x["train_loss"] for x in r)  # finite
+        assert s["epochs_run"] == 3
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing epoch 2's checkpoint: one clear error (exit 1), epoch 1's last.pt intact
+    and loadable, no temp file left."""
+    import errno
+
+    from cbam_train.checkpoint import CheckpointError
+    from cbam_train.train import run
+    from conftest import compose_config
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                f.write(b"\0" * 4096)  # part of the file made it to disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        run(compose_config(TINY), tmp_path / "run")
+    msg = str(e.value)
+    assert e.value.exit_code == 1 and "No space left on device" in msg and "previous checkpoint is intact" in msg
+    assert f"cbam-train resume={tmp_path / 'run'}" in msg
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best.pt", "last.pt", "stage1-head.pt"]
+    assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    from cbam_train.checkpoint import WeightsError
+    from cbam_train.resume import find_resume
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": CHECKPOINT_FORMAT, "model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError, match="not a readable checkpoint"):
+        find_resume(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_second_signal_aborts_at_once():
+    from cbam_train.interrupt import Interrupted, StopRequest
+
+    notes = []
+    with StopRequest(notes.append) as stop:
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and "SIGINT received" in notes[0]
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert e.value.exit_code == 130 and "aborted at once" in str(e.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_config_changes_sort_refused_harmless_and_other_keys():
+    from cbam_train.config import ConfigError
+    from cbam_train.resume import check_resume_config, config_changes
+
+    old = {"model": {"cbam": {"reduction": 16}}, "log": {"mode": "plain"}, "optim": {"weight_decay": 0.0},
+           "data": {"limit": None, "num_workers": 4}, "seed": 0}
+    same_but_harmless = {**old, "log": {"mode": "rich"}, "data": {"limit": None, "num_workers": 0}}
+    assert config_changes(old, same_but_harmless) == ([], [])
+    other = {**old, "optim": {"weight_decay": 5e-4}}
+    assert check_resume_config(old, other, "x") == ["optim.weight_decay: 0.0 -> 0.0005"]
+    with pytest.raises(ConfigError, match=r"data.limit: None -> 100"):
+        check_resume_config(old, {**old, "data": {"limit": 100, "num_workers": 4}}, "x")
