@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -233,3 +234,46 @@ def save_checkpoint(state: dict, folder: Path, names: list, resume_hint: str) ->
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {first} ({e.strerror or e}); the previous checkpoint is "
                               f"intact: free space and resume with: {resume_hint}") from None
+
+
+def detached_copy(obj: Any) -> Any:
+    """obj with every tensor copied to the CPU: a snapshot training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """save_checkpoint on a background thread, so the disk (~0.2-0.4 s for a 135 MB ResNet18+Adam checkpoint
+    here) does not stall training: the state is snapshot to the CPU first, one write is in flight at a time,
+    and a failed write raises its CheckpointError at the next save() or wait()."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def save(self, state: dict, folder: Path, names: list, resume_hint: str) -> None:
+        self.wait()
+        snapshot = detached_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, folder, names, resume_hint),
+                                        name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, *args: Any) -> None:
+        try:
+            save_checkpoint(*args)
+        except BaseException as e:  # handed to the training thread at its next save() / wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err

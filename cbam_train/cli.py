@@ -128,6 +128,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except OSError as e:  # the machine, not the config: a full disk, a folder that vanished, a permission
+        where = f" ({e.filename})" if e.filename else ""
+        fail(f"{e.strerror or e}{where}", 1)
     except Exception as e:  # training failures we raise on purpose carry an exit code; anything else is a bug
         if hasattr(e, "exit_code"):
             fail(str(e), e.exit_code, getattr(e, "label", "error"))

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cbam_train.checkpoint import atomic_save, load_initial_weights, load_state_dict_file, load_strict, save_checkpoint
+from cbam_train.checkpoint import (BackgroundSaver, CheckpointError, atomic_save, load_initial_weights,
+                                   load_state_dict_file, load_strict)
 from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.data import build_splits
 from cbam_train.engine import (EpochState, NonFiniteLoss, TrainingError, available_cpus, build_optimizer,
@@ -153,6 +154,15 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
     return rows
 
 
+def checkpoint_names(epoch: int, every: int, stage, new_best: bool) -> list:
+    """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
+    also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
+    stage_end = epoch == stage.first_epoch + stage.epochs - 1
+    if not every or not (epoch % every == 0 or stage_end or new_best):
+        return []
+    return ["last.pt"] + ["best.pt"] * new_best + [f"stage{stage.index}-{stage.name}.pt"] * stage_end
+
+
 class _Saver:
     """Writes checkpoints of the run: what goes in them and where; remembers the last one for messages."""
 
@@ -160,12 +170,13 @@ class _Saver:
         self.cfg, self.overrides, self.model, self.amp, self.data = cfg, overrides, model, amp, data
         self.folder, self.hint = run_dir / "checkpoints", f"cbam-train resume={run_dir}"
         self.last: Optional[str] = None  # "epoch 3" / "epoch 4 step 20", for messages
+        self.writer = BackgroundSaver()
 
     def __call__(self, names: list, opt, stage, epoch: int, partial: Optional[EpochState], rng: dict,
                  history: list, best_val: Optional[float]) -> None:
         state = make_checkpoint(self.cfg, self.overrides, self.model, opt, self.amp.scaler, stage, epoch, partial,
                                 rng, history, best_val, self.data)
-        save_checkpoint(state, self.folder, names, self.hint)
+        self.writer.save(state, self.folder, names, self.hint)
         self.last = f"epoch {epoch}" + (f" + {partial.step} step(s) of epoch {epoch + 1}" if partial else "")
 
 
@@ -203,70 +214,83 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     pending = ckpt  # RNG, optimizer and mid-epoch state still to restore, at the first epoch that runs
     save = _Saver(cfg, overrides, run_dir, model, amp, data)
     every_epochs = cfg.train.checkpoint_every_n_epochs
-    stop.arm()
-    for st in stages:
-        last_epoch = st.first_epoch + st.epochs - 1
-        if last_epoch <= done:
-            continue
-        params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
-        opt = build_optimizer(params, cfg.optim, st.lr)
-        if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
-            try:
-                opt.load_state_dict(pending["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
-                                  f"({e}); its trainable modules or optim.* changed") from None
-        step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
-        rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
-                   f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
-        for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
-            where = f"epoch {epoch} ({st.name})"
-            partial = None
-            if pending is not None:
-                restore_rng(pending["rng"], loaders.generator)
-                if pending["step"]:
-                    partial = EpochState(**pending["partial"])
-                    loaders.skip_train_batches(partial.step)
-                pending = None
-            epoch_rng = capture_rng(loaders.generator)  # what a mid-epoch checkpoint restores before skipping
-
-            def mid_epoch(state: EpochState) -> None:
-                save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val)
-
-            with rep.progress(len(loaders.train), where) as on_step:
+    try:
+        stop.arm()
+        for st in stages:
+            last_epoch = st.first_epoch + st.epochs - 1
+            if last_epoch <= done:
+                continue
+            params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
+            opt = build_optimizer(params, cfg.optim, st.lr)
+            if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
                 try:
-                    tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
-                                         where, amp, partial, cfg.train.nan_policy, stop, mid_epoch,
-                                         cfg.train.checkpoint_every_n_steps)
-                except NonFiniteLoss as e:
-                    kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
-                        "no checkpoint was written in this run"
-                    raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), check the data, "
-                                        "or set train.nan_policy=skip_batch") from None
-            if tr["stopped"]:
-                save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val)
-                _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
-            va = evaluate(model, loaders.val, device, amp)
-            new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
-            best_val = va["acc"] if new_best else best_val
-            row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": st.lr,
-                   "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                   "val_acc": va["acc"], "skipped_batches": tr["skipped"], "epoch_time_s": round(tr["time_s"], 4),
-                   "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
-            history.append(row)
-            rep.epoch(row)
-            if tr["skipped"]:
-                rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
-            names = ["last.pt"] * bool(every_epochs and (epoch % every_epochs == 0 or epoch == last_epoch or new_best))
-            names += ["best.pt"] * bool(names and new_best) + [f"stage{st.index}-{st.name}.pt"] * bool(
-                names and epoch == last_epoch)
-            if names or stop():
-                save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val)
-            if stop():
-                _interrupted(stop, rep, run_dir, f"the end of {where}")
+                    opt.load_state_dict(pending["optimizer"])
+                except (ValueError, KeyError) as e:
+                    raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
+                                      f"({e}); its trainable modules or optim.* changed") from None
+            step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
+            rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
+                       f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
+            for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
+                where = f"epoch {epoch} ({st.name})"
+                partial = None
+                if pending is not None:
+                    restore_rng(pending["rng"], loaders.generator)
+                    if pending["step"]:
+                        partial = EpochState(**pending["partial"])
+                        loaders.skip_train_batches(partial.step)
+                    pending = None
+                epoch_rng = capture_rng(loaders.generator)  # what a mid-epoch checkpoint restores before skipping
+
+                def mid_epoch(state: EpochState) -> None:
+                    save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val)
+
+                with rep.progress(len(loaders.train), where) as on_step:
+                    try:
+                        tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
+                                             where, amp, partial, cfg.train.nan_policy, stop, mid_epoch,
+                                             cfg.train.checkpoint_every_n_steps)
+                    except NonFiniteLoss as e:
+                        save.writer.wait()
+                        kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
+                            "no checkpoint was written in this run"
+                        raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), check the data, "
+                                            "or set train.nan_policy=skip_batch") from None
+                if tr["stopped"]:
+                    save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val)
+                    save.writer.wait()
+                    _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
+                va = evaluate(model, loaders.val, device, amp)
+                new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
+                best_val = va["acc"] if new_best else best_val
+                row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": st.lr,
+                       "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                       "val_acc": va["acc"], "skipped_batches": tr["skipped"], "epoch_time_s": round(tr["time_s"], 4),
+                       "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
+                history.append(row)
+                rep.epoch(row)
+                if tr["skipped"]:
+                    rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
+                names = checkpoint_names(epoch, every_epochs, st, new_best)
+                if names or stop():
+                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val)
+                if stop():
+                    save.writer.wait()
+                    _interrupted(stop, rep, run_dir, f"the end of {where}")
+        save.writer.wait()  # the last checkpoint is on disk before the run reports success
+    except BaseException:
+        try:
+            save.writer.wait()  # never leave a write half-done; the error already raised is the one to report
+        except Exception:
+            pass
+        raise
 
     test = evaluate(model, loaders.test, device, amp) if loaders.test is not None else None
-    atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+    try:
+        atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+    except OSError as e:
+        raise CheckpointError(f"could not write {run_dir / 'model.pt'} ({e.strerror or e}); checkpoints/last.pt "
+                              f"holds the trained model: free space and finish with: {save.hint}") from None
     last_val = history[-1]["val_acc"] if history else None
     summary = {"final_val_acc": last_val, "best_val_acc": best_val,
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,

@@ -191,11 +191,11 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     dir) reproduces the rest of the run exactly, for both kinds of loader."""
     import shutil
 
-    from cbam_train import train
+    from cbam_train import checkpoint, train
     from conftest import compose_config
 
     saved = []
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def keep_copies(state, folder, names, hint):
         real_save(state, folder, names, hint)
@@ -203,12 +203,12 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
         shutil.copyfile(folder / names[0], copy)
         saved.append((state["epoch"], state["step"], copy))
 
-    monkeypatch.setattr(train, "save_checkpoint", keep_copies)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", keep_copies)
     args = TINY + [f"data.loader={loader}", "train.checkpoint_every_n_steps=2"]
     train.run(compose_config(args), tmp_path / "full")
     mid = [(e, s, p) for e, s, p in saved if s and e == 1]  # epoch 2 (stage 'high') in progress
     assert mid, saved
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     train.run(compose_config(args + [f"resume={mid[0][2]}"]), tmp_path / "resumed")
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
 
