@@ -95,6 +95,47 @@ def test_load_accepts_plain_and_checkpoint_dicts(tmp_path, wrap):
     assert_same_state(load_state_dict_file(tmp_path / "w.pt"), state)
 
 
+def test_read_weights_tells_a_cbam_train_checkpoint_apart(tmp_path):
+    from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, read_weights
+
+    state = small_state()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "epoch": 4},
+               tmp_path / "ck.pt")
+    got, meta = read_weights(tmp_path / "ck.pt")
+    assert_same_state(got, state)
+    assert meta["epoch"] == 4 and "model" not in meta
+    torch.save(state, tmp_path / "plain.pt")
+    assert read_weights(tmp_path / "plain.pt")[1] is None
+    with pytest.raises(WeightsError, match="not a cbam-train checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION + 1, "model": state}, tmp_path / "new.pt")
+    with pytest.raises(WeightsError, match="upgrade cbam-train"):
+        load_checkpoint(tmp_path / "new.pt")
+
+
+def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monkeypatch):
+    from cbam_train import checkpoint
+    from cbam_train.checkpoint import BackgroundSaver, CheckpointError
+
+    t = torch.zeros(3)
+    saver = BackgroundSaver()
+    saver.save({"w": t}, tmp_path, ["last.pt", "best.pt"], "hint")
+    t += 1  # training goes on changing the tensor: the file must hold the value at save time
+    saver.wait()
+    assert torch.equal(torch.load(tmp_path / "best.pt", weights_only=True)["w"], torch.zeros(3))
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt") or \
+        (tmp_path / "last.pt").read_bytes() == (tmp_path / "best.pt").read_bytes()
+
+    def fail(*a, **k):
+        raise CheckpointError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fail)
+    saver.save({"w": t}, tmp_path, ["last.pt"], "hint")
+    with pytest.raises(CheckpointError, match="disk full"):
+        saver.wait()
+    saver.wait()  # reported once
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_load_strips_wrapper_prefixes(tmp_path, prefix):
     state = small_state()
