@@ -137,6 +137,8 @@ class DeviceConfig:
 class LogConfig:
     mode: str = "auto"  # auto: rich on a terminal, plain otherwise | rich | plain | quiet
     every_n_steps: int = 50  # plain mode: one line every N batches; also how often the bar syncs
+    curves_every_s: Optional[float] = 20.0  # redraw curves.png after an epoch if this long since the last (0: every
+    # epoch; null: never); always drawn at the end of the run
 
 
 @dataclass
@@ -272,6 +274,8 @@ def validate(cfg: Config) -> Config:
     _positive("bench.max_steps", cfg.bench.max_steps)
     _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
     _positive("log.every_n_steps", cfg.log.every_n_steps)
+    if cfg.log.curves_every_s is not None:
+        _positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
     if cfg.lr is not None:
         _positive("lr", cfg.lr)
     _positive("seed", cfg.seed, strict=False)

@@ -1,11 +1,13 @@
 """Console and files: rich (or plain/quiet) output mirrored without markup to train.log, metrics.jsonl
-and summary.json in the run dir."""
+(and .csv), curves.png and summary.json in the run dir."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -16,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
+
+from cbam_train.plots import draw_curves, safe_draw, stage_spans
 
 def resolve_mode(mode: str, stream=None) -> str:
     """auto -> rich on a terminal, plain when captured (CI, pipes, files)."""
@@ -38,7 +42,9 @@ def fmt_lr(lr: float) -> str:
 class Reporter:
     """Everything the run shows or writes about itself; one instance per run."""
 
-    def __init__(self, run_dir: Path, mode: str = "auto") -> None:
+    def __init__(self, run_dir: Path, mode: str = "auto", curves_every_s: Optional[float] = None) -> None:
+        """curves_every_s: redraw curves.png after an epoch when this many seconds passed since the last
+        drawing (0: every epoch; None: never); it is always drawn at the end."""
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(mode)
         plain = self.mode != "rich"
@@ -49,11 +55,12 @@ class Reporter:
         self._log_file = open(self.run_dir / "train.log", "a", encoding="utf-8")
         self.log = Console(file=self._log_file, no_color=True, force_terminal=False, width=120,
                            highlight=False, markup=False, soft_wrap=True)
-        self._metrics = None  # opened at the first epoch: a run that fails at start-up leaves no metrics file
+        self.rows: list = []  # metrics rows so far (all of them, after a resume)
+        self.curves_every_s, self._drawn_at, self._drawn_rows = curves_every_s, 0.0, -1
+        self._stages: list = []
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
+        self.draw_curves(force=True)  # however the run ended, the picture shows every finished epoch
         self._log_file.close()
 
     # -- text
@@ -79,6 +86,7 @@ class Reporter:
             self.console.print(yaml_text)
 
     def stage_table(self, rows: list) -> None:
+        self._stages = stage_spans(rows)
         t = Table(title="schedule")
         for col in ("#", "stage", "epochs", "global epochs", "lr", "trainable", "trainable params"):
             t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
@@ -121,26 +129,43 @@ class Reporter:
 
     # -- per epoch
     def restore_metrics(self, rows: list) -> None:
-        """metrics.jsonl as of a checkpoint: exactly `rows` (later rows of a killed run are dropped)."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        path = self.run_dir / "metrics.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
+        """metrics.jsonl/.csv as of a checkpoint: exactly `rows` (later rows of a killed run are dropped)."""
+        self.rows = list(rows)
+        for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+                           ("metrics.csv", _csv_text(rows))):
+            path = self.run_dir / name
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def epoch(self, row: dict) -> None:
-        if self._metrics is None:
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        """Append one epoch's row to metrics.jsonl and metrics.csv, print it, redraw the curves when due."""
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        csv_path = self.run_dir / "metrics.csv"
+        new = not csv_path.exists() or csv_path.stat().st_size == 0
+        with open(csv_path, "a", encoding="utf-8", newline="") as f:
+            f.write(_csv_text([row], header=new))
         text = (f"epoch {row['epoch']:>3} [{row['stage_name']}] train loss {row['train_loss']:.4f} "
                 f"acc {100 * row['train_acc']:5.2f}% | val loss {_num(row['val_loss'], '.4f')} "
                 f"acc {_pct(row['val_acc'])} | lr {fmt_lr(row['lr'])} | {row['epoch_time_s']:.1f} s | "
                 f"{row['train_images_per_s']:.0f} img/s")
         self.log.print(text)
         self.console.print(text)
+        self.draw_curves()
+
+    def draw_curves(self, force: bool = False) -> None:
+        """curves.png from the rows so far, when due (see curves_every_s) or forced; a failure only warns."""
+        if self.curves_every_s is None or not self.rows or len(self.rows) == self._drawn_rows:
+            return
+        if not force and time.monotonic() - self._drawn_at < self.curves_every_s:
+            return
+        self._drawn_rows = len(self.rows)
+        path = self.run_dir / "curves.png"
+        if not safe_draw(lambda: draw_curves(self.rows, self._stages, path, str(self.run_dir)), path, self.warn):
+            self.curves_every_s = None  # warned once; do not retry every epoch
+        self._drawn_at = time.monotonic()
 
     def summary(self, s: dict) -> None:
         write_json_atomic(self.run_dir / "summary.json", s)
@@ -155,6 +180,20 @@ class Reporter:
         t.add_row("device", s["device"])
         t.add_row("run dir", str(self.run_dir))
         self.print(t, quiet_too=True)
+
+
+def _csv_text(rows: list, header: bool = True) -> str:
+    """rows as CSV (the first row's keys are the columns; None as an empty cell)."""
+    if not rows:
+        return ""
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    if header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def _num(v: Optional[float], spec: str) -> str:

@@ -78,7 +78,7 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
         for name, text in (record or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             (run_dir / ".hydra" / name).write_text(text)
-    return stages, device, model, Reporter(run_dir, cfg.log.mode)
+    return stages, device, model, Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s)
 
 
 def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None) -> dict:

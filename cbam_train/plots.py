@@ -1,0 +1,100 @@
+"""Pictures of a run and of a sweep, drawn with matplotlib's headless Agg canvas (no display, no pyplot
+state, safe on a cluster node): curves.png per run, sweep.png per sweep."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+BAND_COLOURS = ("#dbe9f6", "#fde9d0", "#e2f0d9", "#ece2f0", "#f8e0e0")
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    """Write through a temp file and rename, so a viewer never opens half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch (train vs val), each stage a shaded band with its name, lr on a
+    secondary log axis. `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
+    first_epoch, last_epoch, lr), so a running job already shows the whole schedule."""
+    fig = _figure(11, 4.2)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    last = max([s["last_epoch"] for s in stages] + epochs + [1])
+    first = min([s["first_epoch"] for s in stages] + epochs + [1])
+    for ax in (ax_loss, ax_acc):
+        for i, s in enumerate(stages):
+            ax.axvspan(s["first_epoch"] - 0.5, s["last_epoch"] + 0.5, color=BAND_COLOURS[i % len(BAND_COLOURS)],
+                       alpha=0.7, lw=0, zorder=0)
+            ax.text((s["first_epoch"] + s["last_epoch"]) / 2, 0.98, s["name"], transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=9, color="#444444")
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for key, label, style in (("train", "train", "-o"), ("val", "val", "-s")):
+        ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], style, ms=3, label=f"{label} loss")
+        ax_acc.plot(epochs, [None if r[f"{key}_acc"] is None else 100 * r[f"{key}_acc"] for r in rows], style,
+                    ms=3, label=f"{label} acc")
+    ax_loss.set_ylabel("loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    lr_ax = ax_loss.twinx()  # the planned lr per epoch, as steps
+    xs = [e for s in stages for e in (s["first_epoch"] - 0.5, s["last_epoch"] + 0.5)]
+    ys = [s["lr"] for s in stages for _ in (0, 1)]
+    if rows and "lr" in rows[0]:  # a per-step schedule inside stages: show the logged lr per epoch too
+        lr_ax.plot(epochs, [r["lr"] for r in rows], ".", ms=3, color="#888888")
+    lr_ax.plot(xs, ys, color="#888888", lw=1, ls="--", label="lr")
+    lr_ax.set_yscale("log")
+    lr_ax.set_ylabel("lr", color="#666666")
+    lines = ax_loss.get_legend_handles_labels()
+    lr_lines = lr_ax.get_legend_handles_labels()
+    ax_loss.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="upper right", fontsize=8)
+    ax_acc.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
+    """Best val accuracy per job: one bar per job labelled with its overrides; failed jobs as red 'failed'."""
+    fig = _figure(max(6.0, 0.9 * len(jobs) + 2), 4.5)
+    ax = fig.subplots()
+    labels = ["\n".join(j["overrides"]) or f"job {j['job']}" for j in jobs]
+    values = [100 * j[metric] if j.get(metric) is not None else 0.0 for j in jobs]
+    colours = ["#4878b0" if j["status"] == "completed" else "#c44e52" for j in jobs]
+    bars = ax.bar(range(len(jobs)), values, color=colours)
+    for bar, j, v in zip(bars, jobs, values):
+        text = f"{v:.1f}" if j["status"] == "completed" and j.get(metric) is not None else j["status"]
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(jobs)), labels, fontsize=7)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def stage_spans(stage_rows: list) -> list:
+    """The schedule rows a run prints, reduced to what draw_curves needs."""
+    return [{"name": r["name"], "first_epoch": r["first_epoch"], "last_epoch": r["last_epoch"], "lr": r["lr"]}
+            for r in stage_rows]
+
+
+def safe_draw(draw: Callable[[], None], what: Path, warn: Callable[[str], None]) -> bool:
+    """draw(), but never let a plotting problem stop training: warn and return False."""
+    try:
+        draw()
+        return True
+    except Exception as e:  # fonts, a full disk, a matplotlib bug: the run's numbers matter more than its pictures
+        warn(f"could not draw {what} ({type(e).__name__}: {e}); training goes on without it")
+        return False

@@ -1,0 +1,107 @@
+"""The run's files besides the weights: metrics.jsonl / metrics.csv, curves.png, and their behaviour on resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cbam_train import plots
+from cbam_train.report import Reporter
+
+STAGES = [{"index": 1, "name": "head", "epochs": 2, "lr": 1e-3, "trainable": ["fc"], "trainable_params": 10,
+           "first_epoch": 1, "last_epoch": 2},
+          {"index": 2, "name": "full", "epochs": 2, "lr": 1e-4, "trainable": ["all"], "trainable_params": 99,
+           "first_epoch": 3, "last_epoch": 4}]
+
+
+def row(epoch: int, val_acc=0.5) -> dict:
+    return {"epoch": epoch, "stage": 1 + (epoch > 2), "stage_name": "head" if epoch <= 2 else "full",
+            "lr": 1e-3 if epoch <= 2 else 1e-4, "train_loss": 2.0 / epoch, "train_acc": 0.1 * epoch,
+            "val_loss": 1.5 / epoch, "val_acc": val_acc, "skipped_batches": 0, "epoch_time_s": 1.0,
+            "train_images_per_s": 100.0}
+
+
+def png_size(path) -> tuple:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_metrics_jsonl_and_csv_hold_the_same_rows(tmp_path):
+    rep = Reporter(tmp_path, "quiet")
+    rows = [row(1), row(2, None)]
+    for r in rows:
+        rep.epoch(r)
+    rep.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == list(rows[0])
+    assert [float(g["train_loss"]) for g in got] == [r["train_loss"] for r in rows]
+    assert got[1]["val_acc"] == ""  # None: an empty cell
+    assert not (tmp_path / "curves.png").exists()  # curves_every_s=None: never drawn
+
+
+def test_restore_metrics_rewrites_both_files(tmp_path):
+    rep = Reporter(tmp_path, "quiet")
+    for e in (1, 2, 3):
+        rep.epoch(row(e))
+    rep.restore_metrics([row(1)])
+    rep.epoch(row(2, 0.7))
+    rep.close()
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch,") and lines[2].split(",")[7] == "0.7"
+
+
+def test_curves_drawn_every_epoch_when_asked_and_at_the_end_when_throttled(tmp_path):
+    (tmp_path / "a").mkdir()
+    rep = Reporter(tmp_path / "a", "quiet", curves_every_s=0)
+    rep.stage_table(STAGES)
+    rep.epoch(row(1))
+    assert png_size(tmp_path / "a" / "curves.png") == (1100, 420)
+    first = (tmp_path / "a" / "curves.png").read_bytes()
+    rep.epoch(row(2))
+    assert (tmp_path / "a" / "curves.png").read_bytes() != first  # redrawn with the new epoch
+    rep.close()
+    (tmp_path / "b").mkdir()
+    rep = Reporter(tmp_path / "b", "quiet", curves_every_s=3600)
+    rep.stage_table(STAGES)
+    rep.epoch(row(1))  # the first epoch is drawn (nothing drawn yet)
+    before = (tmp_path / "b" / "curves.png").read_bytes()
+    rep.epoch(row(2))
+    assert (tmp_path / "b" / "curves.png").read_bytes() == before  # throttled
+    rep.close()
+    assert (tmp_path / "b" / "curves.png").read_bytes() != before  # the end is always drawn
+
+
+def test_a_failing_plot_warns_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("cbam_train.report.draw_curves", broken)
+    rep = Reporter(tmp_path, "quiet", curves_every_s=0)
+    rep.stage_table(STAGES)
+    rep.epoch(row(1))
+    rep.epoch(row(2))
+    rep.close()
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "could not draw" in ln]
+    assert len(warnings) == 1 and "no fonts" in warnings[0]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sweep_plot_marks_failed_jobs(tmp_path):
+    jobs = [{"job": 0, "overrides": ["lr=1e-3"], "status": "completed", "best_val_acc": 0.8},
+            {"job": 1, "overrides": ["lr=1e-2"], "status": "failed", "best_val_acc": None}]
+    plots.draw_sweep(jobs, tmp_path / "sweep.png")
+    w, h = png_size(tmp_path / "sweep.png")
+    assert w >= 600 and h == 450
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 4])
+def test_curves_draw_for_any_number_of_rows(tmp_path, n_rows):
+    plots.draw_curves([row(e) for e in range(1, n_rows + 1)], plots.stage_spans(STAGES), tmp_path / "c.png")
+    assert png_size(tmp_path / "c.png") == (1100, 420)
+    assert not list(tmp_path.glob(".*.tmp"))
