@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -18,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 
 from cbam_train.config import Config, UserError, validate
 from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
+from cbam_train.sweep import write_status
 
 
 def find_conf_dir() -> Path:
@@ -34,14 +36,19 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 
-def fail(msg: str, code: int = 2, label: str = "error") -> NoReturn:
-    """Print one red line to stderr and exit."""
+def print_error(msg: str, label: str = "error") -> None:
+    """One red line on stderr."""
     from rich.console import Console
     from rich.text import Text
 
     if "Original Traceback" in msg:  # an error raised in a DataLoader worker: keep its own last line
         msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble((f"{label}: ", "bold red"), msg))
+
+
+def fail(msg: str, code: int = 2, label: str = "error") -> NoReturn:
+    """Print one red line to stderr and exit."""
+    print_error(msg, label)
     sys.exit(code)
 
 
@@ -98,43 +105,68 @@ def condense_hydra_error(text: str) -> str:
 _real_stderr = sys.stderr
 
 
+def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> None:
+    """Validate the composed config and run its task; errors propagate (see outcome())."""
+    try:
+        cfg: Config = validate(OmegaConf.to_object(dcfg))
+    except MissingMandatoryValue as e:
+        raise UserError(f"config: {e.full_key} is required; set {e.full_key}=...") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"config: {condense_hydra_error(str(e))}") from None
+    record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
+    if cfg.task == "train":
+        from cbam_train.train import run
+
+        run(cfg, run_dir, record, overrides)
+    elif cfg.task == "eval":
+        from cbam_train.evaluation import run_eval
+
+        run_eval(cfg, run_dir, record)
+    elif cfg.task == "bench":
+        from cbam_train.bench import run_bench
+
+        run_bench(cfg, run_dir, record)
+
+
+def outcome(e: BaseException) -> tuple | None:
+    """(label, one-line message, exit code) for an error we raise on purpose; None for a bug."""
+    if isinstance(e, KeyboardInterrupt):
+        return "error", "interrupted", 130
+    if isinstance(e, OSError):  # the machine, not the config: a full disk, a folder that vanished, a permission
+        return "error", f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}", 1
+    if isinstance(e, Exception) and hasattr(e, "exit_code"):  # UserError (2), training failures (1), signals
+        return getattr(e, "label", "error"), str(e), e.exit_code
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(find_conf_dir()), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     sys.stderr = _real_stderr  # composition succeeded: from here on, stderr is the job's own
+    hc = HydraConfig.get()
+    run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+    sweep = hc.mode == RunMode.MULTIRUN
     try:
-        try:
-            cfg: Config = validate(OmegaConf.to_object(dcfg))
-        except MissingMandatoryValue as e:
-            fail(f"config: {e.full_key} is required; set {e.full_key}=...")
-        except OmegaConfBaseException as e:
-            fail(f"config: {condense_hydra_error(str(e))}")
-        hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
-        overrides = list(hc.overrides.task)
-        record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
-        if cfg.task == "train":
-            from cbam_train.train import run
-
-            run(cfg, run_dir, record, overrides)
-        elif cfg.task == "eval":
-            from cbam_train.evaluation import run_eval
-
-            run_eval(cfg, run_dir, record)
-        elif cfg.task == "bench":
-            from cbam_train.bench import run_bench
-
-            run_bench(cfg, run_dir, record)
-    except UserError as e:
-        fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except OSError as e:  # the machine, not the config: a full disk, a folder that vanished, a permission
-        where = f" ({e.filename})" if e.filename else ""
-        fail(f"{e.strerror or e}{where}", 1)
-    except Exception as e:  # training failures we raise on purpose carry an exit code; anything else is a bug
-        if hasattr(e, "exit_code"):
-            fail(str(e), e.exit_code, getattr(e, "label", "error"))
-        raise
+        _job(dcfg, run_dir, overrides)
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        out = outcome(e)
+        if not sweep:
+            if out is None:
+                raise
+            fail(out[1], out[2], out[0])
+        # a sweep job: record how it ended; the sweep goes on unless told otherwise (or the user stopped it)
+        label, msg, code = out or ("error", f"{type(e).__name__}: {e} (a bug: please report it)", 1)
+        stopped = code in (130, 143)
+        write_status(run_dir, hc.job.num, overrides, "interrupted" if stopped else "failed", msg, code)
+        if out is None:
+            raise
+        print_error(msg, label)
+        if stopped or OmegaConf.select(dcfg, "sweep.fail_fast", default=False):
+            sys.exit(code)
+        return
+    if sweep:
+        write_status(run_dir, hc.job.num, overrides, "completed")
 
 
 def main() -> None:

@@ -154,6 +154,11 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    fail_fast: bool = False  # -m: a failed job stops the sweep (false: it is recorded and the sweep goes on)
+
+
+@dataclass
 class BenchConfig:
     seconds: float = 5.0  # timing budget per measurement, after warm-up
     warmup_steps: int = 3
@@ -171,6 +176,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio

@@ -69,15 +69,18 @@ def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
 
 def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     """Best val accuracy per job: one bar per job labelled with its overrides; failed jobs as red 'failed'."""
-    fig = _figure(max(6.0, 0.9 * len(jobs) + 2), 4.5)
+    fig = _figure(max(6.0, 1.2 * len(jobs) + 2), 4.5)
     ax = fig.subplots()
-    labels = ["\n".join(j["overrides"]) or f"job {j['job']}" for j in jobs]
+    # 'model.cbam.reduction=8' -> 'reduction=8': the full overrides are in sweep_summary.csv
+    labels = ["\n".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[-1] for o in j["overrides"])
+              or f"job {j['job']}" for j in jobs]
     values = [100 * j[metric] if j.get(metric) is not None else 0.0 for j in jobs]
     colours = ["#4878b0" if j["status"] == "completed" else "#c44e52" for j in jobs]
     bars = ax.bar(range(len(jobs)), values, color=colours)
     for bar, j, v in zip(bars, jobs, values):
         text = f"{v:.1f}" if j["status"] == "completed" and j.get(metric) is not None else j["status"]
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
+                    color="#222222" if j["status"] == "completed" else "#c44e52")
     ax.set_xticks(range(len(jobs)), labels, fontsize=7)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.grid(axis="y", alpha=0.3)

@@ -1,0 +1,113 @@
+"""Sweeps (`cbam-train -m ...`): each job records its outcome in status.json; at the end of the multirun
+a Hydra Callback gathers them into sweep_summary.csv / .json and sweep.png at the sweep root and prints a
+table sorted by best val accuracy. It reads only files, so it works for any launcher (local, submitit)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from cbam_train.plots import draw_sweep, safe_draw
+from cbam_train.report import write_json_atomic
+
+COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "test_acc", "epochs", "wall_time_s",
+           "run_dir", "error")
+
+
+def write_status(job_dir: Path, job: int, overrides: list, status: str, error: Optional[str] = None,
+                 exit_code: int = 0) -> None:
+    """<job dir>/status.json: how this sweep job ended (completed | failed | interrupted)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_dir / "status.json", {"job": job, "overrides": list(overrides), "status": status,
+                                                "error": error, "exit_code": exit_code})
+
+
+def collect(sweep_dir: Path) -> list:
+    """One row per job dir under sweep_dir that has a status.json, in job order."""
+    rows = []
+    for status_file in sweep_dir.glob("*/status.json"):
+        st = json.loads(status_file.read_text())
+        summary_file = status_file.parent / "summary.json"
+        s = json.loads(summary_file.read_text()) if summary_file.is_file() and st["status"] == "completed" else {}
+        rows.append({"job": st["job"], "overrides": st["overrides"], "status": st["status"],
+                     "best_val_acc": s.get("best_val_acc"), "final_val_acc": s.get("final_val_acc"),
+                     "test_acc": s.get("test_acc"), "epochs": s.get("epochs_run"),
+                     "wall_time_s": s.get("wall_time_s"), "run_dir": str(status_file.parent), "error": st["error"]})
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def swept(rows: list) -> list:
+    """Each job's overrides that differ between jobs (the swept values), for labels; shared ones left out."""
+    from cbam_train.resume import override_key
+
+    values: dict = {}
+    for r in rows:
+        for o in r["overrides"]:
+            values.setdefault(override_key(o), set()).add(o)
+    keep = {k for k, v in values.items() if len(v) > 1 or any(k not in map(override_key, r["overrides"])
+                                                            for r in rows)}
+    return [[o for o in r["overrides"] if override_key(o) in keep] for r in rows]
+
+
+def ranked(rows: list) -> list:
+    """Completed jobs by best val accuracy (highest first), then the others."""
+    return sorted(rows, key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["job"]))
+
+
+def write_summary(sweep_dir: Path, rows: list) -> None:
+    write_json_atomic(sweep_dir / "sweep_summary.json", rows)
+    tmp = sweep_dir / ".sweep_summary.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "overrides": " ".join(r["overrides"])})
+    tmp.replace(sweep_dir / "sweep_summary.csv")
+
+
+def summary_table(rows: list, sweep_dir: Path) -> Table:
+    t = Table(title=f"sweep: {sweep_dir}", caption="overrides: the swept ones; full lists in sweep_summary.csv")
+    for col, just in (("#", "right"), ("overrides", "left"), ("status", "left"), ("best val", "right"),
+                      ("final val", "right"), ("test", "right"), ("epochs", "right"), ("time", "right")):
+        t.add_column(col, justify=just)
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    labels = {r["job"]: " ".join(o) for r, o in zip(rows, swept(rows))}
+    for r in ranked(rows):
+        t.add_row(str(r["job"]), labels[r["job"]],
+                  r["status"] if r["status"] == "completed" else f"{r['status']}: {r['error']}",
+                  pct(r["best_val_acc"]), pct(r["final_val_acc"]), pct(r["test_acc"]),
+                  "" if r["epochs"] is None else str(r["epochs"]),
+                  "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f} s")
+    return t
+
+
+class SweepSummary(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks.sweep_summary); Hydra calls it after the last job."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect(sweep_dir)
+        if not rows:
+            return
+        write_summary(sweep_dir, rows)
+        console = Console(highlight=False, markup=False)
+        if not console.is_terminal:
+            console = Console(highlight=False, markup=False, width=160, no_color=True)
+        labelled = [{**r, "overrides": o} for r, o in zip(rows, swept(rows))]
+        safe_draw(lambda: draw_sweep(labelled, sweep_dir / "sweep.png"), sweep_dir / "sweep.png",
+                  lambda msg: console.print(f"warning: {msg}"))
+        console.print(summary_table(rows, sweep_dir))
+        failed = [r for r in rows if r["status"] != "completed"]
+        console.print(f"wrote {sweep_dir / 'sweep_summary.csv'}, sweep_summary.json and sweep.png")
+        if failed:
+            from cbam_train.cli import fail
+
+            fail(f"{len(failed)} of {len(rows)} sweep jobs did not complete (job {failed[0]['job']}: "
+                 f"{failed[0]['error']}); see {sweep_dir / 'sweep_summary.csv'}", 1)
