@@ -98,10 +98,18 @@ class AugmentConfig:
 
 
 @dataclass
+class SchedConfig:
+    name: str = "constant"  # the lr within a stage, per step: constant | cosine (to min_lr_ratio x lr)
+    warmup_epochs: float = 0.0  # linear warm-up from ~0 to the stage's lr over this many epochs at its start
+    min_lr_ratio: float = 0.0  # cosine: lr at the stage's last step, as a fraction of the stage's lr
+
+
+@dataclass
 class StageConfig:
     epochs: int = 1
     lr: float = 1e-3
     trainable: List[str] = field(default_factory=lambda: ["all"])
+    sched: SchedConfig = field(default_factory=SchedConfig)
 
 
 @dataclass
@@ -146,11 +154,15 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop: a non-finite loss ends the run (last good checkpoint kept) | skip_batch
     checkpoint_every_n_epochs: int = 1  # checkpoints/last.pt every N epochs (and at every stage end); 0: never
     checkpoint_every_n_steps: int = 0  # also mid-epoch, every N batches (0: off); resumes exactly mid-epoch
+    label_smoothing: float = 0.0  # cross-entropy target smoothing in training (evaluation loss is plain)
+    ema_decay: Optional[float] = None  # e.g. 0.999: evaluate and save an exponential moving average of the
+    # weights (and BatchNorm statistics), updated after every step; null: off
 
 
 @dataclass
 class EvalConfig:
     split: str = "test"  # test | val (the held-out validation split, as training made it)
+    flip_tta: bool = False  # average the logits of each image and its horizontal mirror (val, test, task=eval)
 
 
 @dataclass
@@ -256,6 +268,14 @@ def validate(cfg: Config) -> Config:
         _positive(f"schedule.stages.{name}.lr", st.lr)
         if not st.trainable:
             raise ConfigError(f"schedule.stages.{name}.trainable is empty: list modules to train, or [all]")
+        _choice(f"schedule.stages.{name}.sched.name", st.sched.name, ("constant", "cosine"))
+        _positive(f"schedule.stages.{name}.sched.warmup_epochs", st.sched.warmup_epochs, strict=False)
+        if st.sched.warmup_epochs > st.epochs:
+            raise ConfigError(f"schedule.stages.{name}.sched.warmup_epochs={st.sched.warmup_epochs} is longer than "
+                              f"the stage ({st.epochs} epochs)")
+        if not 0.0 <= st.sched.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.stages.{name}.sched.min_lr_ratio must be in [0, 1], got "
+                              f"{st.sched.min_lr_ratio}")
     o = cfg.optim
     _choice("optim.name", o.name, ("adam", "sgd"))
     _positive("optim.weight_decay", o.weight_decay, strict=False)
@@ -275,6 +295,10 @@ def validate(cfg: Config) -> Config:
     _positive("train.checkpoint_every_n_epochs", cfg.train.checkpoint_every_n_epochs, strict=False)
     _positive("train.checkpoint_every_n_steps", cfg.train.checkpoint_every_n_steps, strict=False)
     _choice("eval.split", cfg.eval.split, ("test", "val"))
+    if not 0.0 <= cfg.train.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {cfg.train.ema_decay}")
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
     _positive("bench.seconds", cfg.bench.seconds)
     _positive("bench.max_steps", cfg.bench.max_steps)

@@ -93,12 +93,30 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")  # validate() rejects it before this
 
 
-def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp) -> tuple:
+def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp, label_smoothing: float = 0.0) -> tuple:
     """(logits, loss) under autocast; x is made channels_last when amp asks for it (a no-op if it is)."""
     x = x.contiguous(memory_format=amp.memory_format)
     with torch.autocast(x.device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
         logits = model(x)
-        return logits, F.cross_entropy(logits, y)
+        return logits, F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
+@dataclass
+class StepExtras:
+    """What else happens at each training step besides forward, backward and the optimizer step."""
+
+    label_smoothing: float = 0.0
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # stepped after every optimizer step
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None  # updated after every optimizer step
+
+
+def build_ema(model: nn.Module, decay: Optional[float]) -> Optional[torch.optim.swa_utils.AveragedModel]:
+    """An exponential moving average of the weights and buffers (BatchNorm statistics), or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def setup_device(model: nn.Module, cfg: DeviceConfig, device: torch.device) -> Amp:
@@ -155,7 +173,8 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
                     on_step: Callable, every_n_steps: int, where: str, amp: Optional[Amp] = None,
                     state: Optional[EpochState] = None, nan_policy: str = "stop",
                     should_stop: Callable[[], bool] = lambda: False,
-                    on_checkpoint: Optional[Callable[[EpochState], None]] = None, checkpoint_every: int = 0) -> dict:
+                    on_checkpoint: Optional[Callable[[EpochState], None]] = None, checkpoint_every: int = 0,
+                    extras: Optional[StepExtras] = None) -> dict:
     """One pass over the loader, or the rest of one: `state` carries a resumed epoch's step and sums (the
     loader must then skip `state.step` batches itself). Sums stay on the device; the host syncs every N steps.
 
@@ -163,7 +182,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
     skips that batch's update (skip_batch, one sync per step). `should_stop()` is asked after every step: a
     True ends the epoch early with "stopped": True. `on_checkpoint(state)` runs every `checkpoint_every` steps.
     """
-    amp = amp or Amp()
+    amp, extras = amp or Amp(), extras or StepExtras()
     st = (state or EpochState()).to(device)
     model.train()
     bad_step = torch.zeros((), device=device, dtype=torch.long)  # first step with a non-finite loss; 0: none
@@ -176,7 +195,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
 
     for step, (x, y) in enumerate(loader, first + 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, loss = forward_loss(model, x, y, amp)
+        logits, loss = forward_loss(model, x, y, amp, extras.label_smoothing)
         st.step = step
         if nan_policy == "skip_batch":
             if not torch.isfinite(loss).item():
@@ -186,6 +205,10 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
         else:
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         backward_step(loss, opt, amp)
+        if extras.scheduler is not None:
+            extras.scheduler.step()
+        if extras.ema is not None:
+            extras.ema.update_parameters(model)
         st.loss_sum += loss.detach() * y.shape[0]
         st.correct += (logits.argmax(1) == y).sum()
         st.seen += y.shape[0]
@@ -213,9 +236,10 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] = None,
-             num_classes: Optional[int] = None) -> dict:
+             num_classes: Optional[int] = None, flip_tta: bool = False) -> dict:
     """Mean loss and accuracy over a loader, model in eval mode; with num_classes also the confusion
-    matrix (rows: true class, columns: predicted) as nested lists."""
+    matrix (rows: true class, columns: predicted) as nested lists. flip_tta averages the logits of each
+    image and its horizontal mirror."""
     amp = amp or Amp()
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -226,8 +250,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] 
         x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            logits = model(x).float()
+            if flip_tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         if num_classes:

@@ -64,13 +64,13 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
         loader = build_eval_loader(ds, cfg.data, kind, device, splits.mean, splits.std,
                                    min(cfg.data.num_workers, available_cpus()))
         amp = setup_device(model, cfg.device, device)
-        res = evaluate(model, loader, device, amp, num_classes=len(splits.classes))
+        res = evaluate(model, loader, device, amp, num_classes=len(splits.classes), flip_tta=cfg.eval.flip_tta)
         confusion = res["confusion"]
         per_class = {c: (row[i] / sum(row) if sum(row) else None)
                      for i, (c, row) in enumerate(zip(splits.classes, confusion))}
         out = {"checkpoint": str(path), "split": cfg.eval.split, "data": cfg.data.name, "n": res["n"],
                "accuracy": res["acc"], "loss": res["loss"], "per_class": per_class, "classes": list(splits.classes),
-               "confusion": confusion, "device": str(device), "precision": amp.name,
+               "confusion": confusion, "flip_tta": cfg.eval.flip_tta, "device": str(device), "precision": amp.name,
                "wall_time_s": round(time.perf_counter() - t0, 3)}
         write_json_atomic(run_dir / "eval.json", out)
         rep.print(eval_tables(out), quiet_too=True)

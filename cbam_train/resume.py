@@ -164,12 +164,14 @@ def find_resume(resume: Optional[str]) -> Optional[Resume]:
 
 def make_checkpoint(cfg: Any, overrides: list, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any,
                     stage: Any, epoch: int, partial: Any, rng: dict, history: list, best_val: Optional[float],
-                    data: dict) -> dict:
+                    data: dict, scheduler: Any = None, ema: Optional[nn.Module] = None) -> dict:
     """Everything an exact resume needs. `epoch`: the last finished epoch; `partial`: the EpochState of the
     next one when saved mid-epoch (None at an epoch end); `rng`: the states at the start of that next epoch."""
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "stage": stage.index, "stage_name": stage.name, "epoch": epoch,
             "step": partial.step if partial is not None else 0,
             "partial": partial.to_dict() if partial is not None else None,

@@ -5,6 +5,7 @@ Which parameters train in stage k, and at what learning rate, is decided here an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -23,6 +24,27 @@ class Stage:
     lr: float
     trainable: tuple
     first_epoch: int  # global 1-based epoch at which this stage starts in the full schedule
+    sched: str = "constant"  # lr within the stage: constant | cosine
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch + self.epochs - 1
+
+    def has_lr_schedule(self) -> bool:
+        return self.sched != "constant" or self.warmup_epochs > 0
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, sched: str, min_lr_ratio: float) -> float:
+    """The lr multiplier for 0-based optimizer step `step` of a stage of `steps` steps: linear warm-up
+    over warmup_steps (1/w, 2/w, ..., 1), then constant or a half cosine down to min_lr_ratio at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if sched == "cosine":
+        t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps - 1))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
 
 
 def select_stages(names: Sequence[str], select: str) -> list:
@@ -50,9 +72,15 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
     for n in names:
         first_epoch[n] = total + 1
         total += stages[n].epochs
-    return [Stage(index=i + 1, name=names[i], epochs=stages[names[i]].epochs, lr=stages[names[i]].lr * scale,
-                  trainable=tuple(stages[names[i]].trainable), first_epoch=first_epoch[names[i]])
-            for i in chosen]
+    out = []
+    for i in chosen:
+        st = stages[names[i]]
+        sched = getattr(st, "sched", None)
+        out.append(Stage(index=i + 1, name=names[i], epochs=st.epochs, lr=st.lr * scale, trainable=tuple(st.trainable),
+                         first_epoch=first_epoch[names[i]], sched=sched.name if sched else "constant",
+                         warmup_epochs=sched.warmup_epochs if sched else 0.0,
+                         min_lr_ratio=sched.min_lr_ratio if sched else 0.0))
+    return out
 
 
 def module_names(model: nn.Module) -> list:

@@ -16,17 +16,17 @@ from cbam_train.checkpoint import (BackgroundSaver, CheckpointError, atomic_save
                                    load_state_dict_file, load_strict)
 from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.data import build_splits
-from cbam_train.engine import (EpochState, NonFiniteLoss, TrainingError, available_cpus, build_optimizer,
-                               compile_for_stage, evaluate, resolve_device, seed_everything, setup_device,
-                               train_one_epoch)
+from cbam_train.engine import (EpochState, NonFiniteLoss, StepExtras, TrainingError, available_cpus, build_ema,
+                               build_optimizer, compile_for_stage, evaluate, resolve_device, seed_everything,
+                               setup_device, train_one_epoch)
 from cbam_train.interrupt import Interrupted, StopRequest
 from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.report import Reporter
 from cbam_train.resume import (Resume, capture_rng, check_resume_config, check_resume_data, find_resume,
                                make_checkpoint, restore_rng)
-from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, module_names, resolve_stages,
-                                 trainable_parameters)
+from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, lr_factor, module_names,
+                                 resolve_stages, trainable_parameters)
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log", "checkpoints")
 
@@ -154,6 +154,15 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
     return rows
 
 
+def stage_scheduler(opt: torch.optim.Optimizer, st, steps_per_epoch: int):
+    """The per-step lr schedule inside a stage (schedule.stages.<name>.sched), or None for a constant lr."""
+    if not st.has_lr_schedule():
+        return None
+    steps, warmup = st.epochs * steps_per_epoch, round(st.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k, steps, warmup, st.sched, st.min_lr_ratio))
+
+
 def checkpoint_names(epoch: int, every: int, stage, new_best: bool) -> list:
     """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
     also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
@@ -173,9 +182,9 @@ class _Saver:
         self.writer = BackgroundSaver()
 
     def __call__(self, names: list, opt, stage, epoch: int, partial: Optional[EpochState], rng: dict,
-                 history: list, best_val: Optional[float]) -> None:
+                 history: list, best_val: Optional[float], extras: StepExtras) -> None:
         state = make_checkpoint(self.cfg, self.overrides, self.model, opt, self.amp.scaler, stage, epoch, partial,
-                                rng, history, best_val, self.data)
+                                rng, history, best_val, self.data, extras.scheduler, extras.ema)
         self.writer.save(state, self.folder, names, self.hint)
         self.last = f"epoch {epoch}" + (f" + {partial.step} step(s) of epoch {epoch + 1}" if partial else "")
 
@@ -203,6 +212,10 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     amp = setup_device(model, cfg.device, device)
     if ckpt is not None and amp.scaler is not None and ckpt.get("scaler"):
         amp.scaler.load_state_dict(ckpt["scaler"])
+    ema = build_ema(model, cfg.train.ema_decay)  # evaluated and saved instead of the raw weights when on
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+    judged = ema.module if ema is not None else model  # the weights val/test accuracy and model.pt refer to
     stage_rows = stage_table_rows(model, stages)
     rep.stage_table(stage_rows)
 
@@ -222,9 +235,12 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 continue
             params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
             opt = build_optimizer(params, cfg.optim, st.lr)
+            extras = StepExtras(cfg.train.label_smoothing, stage_scheduler(opt, st, len(loaders.train)), ema)
             if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
                 try:
                     opt.load_state_dict(pending["optimizer"])
+                    if extras.scheduler is not None and pending.get("scheduler") is not None:
+                        extras.scheduler.load_state_dict(pending["scheduler"])
                 except (ValueError, KeyError) as e:
                     raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
                                       f"({e}); its trainable modules or optim.* changed") from None
@@ -243,13 +259,13 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 epoch_rng = capture_rng(loaders.generator)  # what a mid-epoch checkpoint restores before skipping
 
                 def mid_epoch(state: EpochState) -> None:
-                    save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val)
+                    save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val, extras)
 
                 with rep.progress(len(loaders.train), where) as on_step:
                     try:
                         tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
                                              where, amp, partial, cfg.train.nan_policy, stop, mid_epoch,
-                                             cfg.train.checkpoint_every_n_steps)
+                                             cfg.train.checkpoint_every_n_steps, extras)
                     except NonFiniteLoss as e:
                         save.writer.wait()
                         kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
@@ -257,13 +273,13 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                         raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), check the data, "
                                             "or set train.nan_policy=skip_batch") from None
                 if tr["stopped"]:
-                    save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val)
+                    save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val, extras)
                     save.writer.wait()
                     _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
-                va = evaluate(model, loaders.val, device, amp)
+                va = evaluate(judged, loaders.val, device, amp, flip_tta=cfg.eval.flip_tta)
                 new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
                 best_val = va["acc"] if new_best else best_val
-                row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": st.lr,
+                row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": opt.param_groups[0]["lr"],
                        "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                        "val_acc": va["acc"], "skipped_batches": tr["skipped"], "epoch_time_s": round(tr["time_s"], 4),
                        "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
@@ -273,7 +289,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                     rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
                 names = checkpoint_names(epoch, every_epochs, st, new_best)
                 if names or stop():
-                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val)
+                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val,
+                         extras)
                 if stop():
                     save.writer.wait()
                     _interrupted(stop, rep, run_dir, f"the end of {where}")
@@ -285,9 +302,10 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
             pass
         raise
 
-    test = evaluate(model, loaders.test, device, amp) if loaders.test is not None else None
+    test = evaluate(judged, loaders.test, device, amp, flip_tta=cfg.eval.flip_tta) if loaders.test is not None \
+        else None
     try:
-        atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+        atomic_save({k: v.detach().cpu().contiguous() for k, v in judged.state_dict().items()}, run_dir / "model.pt")
     except OSError as e:
         raise CheckpointError(f"could not write {run_dir / 'model.pt'} ({e.strerror or e}); checkpoints/last.pt "
                               f"holds the trained model: free space and finish with: {save.hint}") from None
@@ -298,6 +316,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                "resumed_from": str(resume.path) if resume is not None and resume.path else None,
                "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
                           for r in stage_rows],
+               "weights": "ema" if ema is not None else "final",
                "device": str(device), "loader": loaders.kind, "precision": amp.name,
                "classes": splits.classes, "data_mean": list(splits.mean), "data_std": list(splits.std),
                "config": dataclasses.asdict(cfg)}

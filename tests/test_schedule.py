@@ -1,5 +1,7 @@
 """Staged unfreezing: stage selection, lr per stage, which parameters train, and what frozen really means."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -282,3 +284,43 @@ def test_a_stage_that_selects_nothing_is_refused_at_start_up(make_cfg):
         check_trainable(model, cfg.schedule.stages)
     # the seed schedule names cbam beside other modules: still fine without CBAM
     check_trainable(model, make_cfg(["model.cbam.enabled=false"]).schedule.stages)
+
+
+# --- the lr inside a stage --------------------------------------------------------------------------
+
+def test_lr_factor_warmup_then_constant_or_cosine():
+    from cbam_train.schedule import lr_factor
+
+    assert [lr_factor(k, 10, 4, "constant", 0.0) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = [lr_factor(k, 10, 2, "cosine", 0.1) for k in range(10)]
+    assert cos[:2] == [0.5, 1.0] and cos[2] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cos[2:], cos[3:]))  # decreasing after the warm-up
+    assert lr_factor(7, 10, 0, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 9)))
+
+
+def test_stage_scheduler_steps_the_optimizer_lr_per_step():
+    from cbam_train.config import SchedConfig
+    from cbam_train.train import stage_scheduler
+
+    st = resolve_stages({"a": StageConfig(epochs=2, lr=0.4, sched=SchedConfig("cosine", 1.0, 0.0))})[0]
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=st.lr)
+    sched = stage_scheduler(opt, st, steps_per_epoch=4)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    st_const = resolve_stages({"a": StageConfig(epochs=2, lr=0.4)})[0]
+    assert stage_scheduler(opt, st_const, 4) is None  # constant lr: no scheduler, the step is unchanged
+
+
+def test_sched_validation_names_the_stage():
+    from cbam_train.config import ConfigError
+    from conftest import compose_config
+
+    with pytest.raises(ConfigError, match="schedule.stages.head.sched.name: unknown value 'linear'"):
+        compose_config(["schedule.stages.head.sched.name=linear"])
+    with pytest.raises(ConfigError, match="warmup_epochs=9.0 is longer than the stage"):
+        compose_config(["schedule.stages.head.sched.warmup_epochs=9"])
