@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -206,7 +207,9 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         backward_step(loss, opt, amp)
         if extras.scheduler is not None:
-            extras.scheduler.step()
+            with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                extras.scheduler.step()
         if extras.ema is not None:
             extras.ema.update_parameters(model)
         st.loss_sum += loss.detach() * y.shape[0]

@@ -185,10 +185,16 @@ def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_pat
     assert_same_run(tmp_path / "w0", tmp_path / "w2")
 
 
-@pytest.mark.parametrize("loader", ["memory", "torchvision"])
-def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader):
+EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.warmup_epochs=0.5",
+          "train.ema_decay=0.9", "train.label_smoothing=0.1", "eval.flip_tta=true", "device.precision=fp16"]
+
+
+@pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS)],
+                         ids=["memory", "torchvision", "memory+sched+ema+fp16"])
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
-    dir) reproduces the rest of the run exactly, for both kinds of loader."""
+    dir) reproduces the rest of the run exactly, for both kinds of loader, and with an in-stage lr schedule,
+    EMA weights and the fp16 GradScaler, whose states the checkpoint carries too."""
     import shutil
 
     from cbam_train import checkpoint, train
@@ -204,7 +210,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
         saved.append((state["epoch"], state["step"], copy))
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", keep_copies)
-    args = TINY + [f"data.loader={loader}", "train.checkpoint_every_n_steps=2"]
+    args = TINY + [f"data.loader={loader}", "train.checkpoint_every_n_steps=2", *extra]
     train.run(compose_config(args), tmp_path / "full")
     mid = [(e, s, p) for e, s, p in saved if s and e == 1]  # epoch 2 (stage 'high') in progress
     assert mid, saved
