@@ -139,6 +139,7 @@ class DeviceConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     compile_backend: str = "inductor"  # inductor | aot_eager (debugging) | eager
     cudnn_benchmark: bool = True  # CUDA only
+    sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass

@@ -282,19 +282,31 @@ class SeededOrder(Sampler):
     the order) and one seed per sample from `generator` in the main process. The images a batch gets then do
     not depend on the number of workers, and a pass can start at any sample (`skip`) for an exact resume."""
 
-    def __init__(self, n: int, shuffle: bool, generator: torch.Generator) -> None:
-        self.n, self.shuffle, self.generator = n, shuffle, generator
+    def __init__(self, n: int, shuffle: bool, generator: torch.Generator, batch_size: int = 1,
+                 shard: tuple = (0, 1)) -> None:
+        self.n, self.shuffle, self.generator, self.batch_size, self.shard = n, shuffle, generator, batch_size, shard
         self.skip = 0  # samples the next pass leaves out (then reset)
 
     def __len__(self) -> int:
-        return self.n
+        world = self.shard[1]
+        return self.n if world == 1 else self.n // (self.batch_size * world) * self.batch_size
 
     def __iter__(self) -> Iterator:
         g = self.generator
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        order, seeds = (shard_order(t, self.batch_size, *self.shard) for t in (order, seeds))
         start, self.skip = self.skip, 0
         return iter(zip(order[start:].tolist(), seeds[start:].tolist()))
+
+
+def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of an epoch order: slice `rank` of every global batch of batch_size x world (whole
+    global batches only), so N ranks see exactly the batches one process would at batch_size x N."""
+    if world == 1:
+        return order
+    n = len(order) // (batch_size * world) * batch_size * world
+    return order[:n].view(-1, world, batch_size)[:, rank].reshape(-1)
 
 
 def skip_none_collate(batch: list):
@@ -306,11 +318,11 @@ def skip_none_collate(batch: list):
 
 
 def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                pin_memory: bool = False, drop_partial: bool = False) -> DataLoader:
+                pin_memory: bool = False, drop_partial: bool = False, shard: tuple = (0, 1)) -> DataLoader:
     """A DataLoader. The training one draws its order and a per-image augmentation seed from its own seeded
     generator (SeededOrder): reproducible for any number of workers, and resumable at any batch."""
     g = torch.Generator().manual_seed(seed)
-    sampler = SeededOrder(len(ds), True, g) if train else None
+    sampler = SeededOrder(len(ds), True, g, batch_size, shard) if train else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=g,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=skip_none_collate,
                       # BatchNorm cannot train on a batch of one; a compiled model recompiles for a partial one

@@ -109,6 +109,7 @@ class StepExtras:
     label_smoothing: float = 0.0
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None  # stepped after every optimizer step
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None  # updated after every optimizer step
+    any_rank: Optional[Callable[[bool], bool]] = None  # data-parallel: a decision every rank must share
 
 
 def build_ema(model: nn.Module, decay: Optional[float]) -> Optional[torch.optim.swa_utils.AveragedModel]:
@@ -191,15 +192,23 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
     stopped = False
 
     def check_finite() -> None:
-        if nan_policy == "stop" and bad_step.item():
-            raise NonFiniteLoss(where, int(bad_step.item()))
+        if nan_policy != "stop":
+            return
+        first_bad = int(bad_step.item())
+        if extras.any_rank is not None and extras.any_rank(first_bad > 0) and not first_bad:
+            raise NonFiniteLoss(f"{where} (on another process)", st.step)
+        if first_bad:
+            raise NonFiniteLoss(where, first_bad)
 
     for step, (x, y) in enumerate(loader, first + 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits, loss = forward_loss(model, x, y, amp, extras.label_smoothing)
         st.step = step
         if nan_policy == "skip_batch":
-            if not torch.isfinite(loss).item():
+            bad = not torch.isfinite(loss).item()
+            if extras.any_rank is not None:
+                bad = extras.any_rank(bad)  # all ranks skip together, or DDP's gradient all-reduce would hang
+            if bad:
                 st.skipped += 1
                 on_step(step)
                 continue

@@ -13,7 +13,7 @@ import torch
 from cbam_train.augment import build_eval_transform, build_train_transform
 from cbam_train.augment_batched import BatchAugment, normalize
 from cbam_train.config import AugmentConfig, DataConfig
-from cbam_train.data import DataSplits, ImageDataset, make_loader
+from cbam_train.data import DataSplits, ImageDataset, make_loader, shard_order
 
 
 class MemoryLoader:
@@ -28,13 +28,20 @@ class MemoryLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
                  transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                 generator: torch.Generator, drop_partial: bool = False, chunk: int = 0) -> None:
+                 generator: torch.Generator, drop_partial: bool = False, chunk: int = 0,
+                 shard: tuple = (0, 1), augment_generator: Optional[torch.Generator] = None) -> None:
         self.images, self.labels, self.drop_partial = images, labels, drop_partial
         self.chunk = max(1, chunk // batch_size) * batch_size  # at least one batch
         self.batch_size, self.shuffle, self.transform, self.generator = batch_size, shuffle, transform, generator
+        # data-parallel: this rank's (rank, world); every rank draws the same order from `generator` and
+        # takes its slice of each global batch of batch_size x world; augmentation draws from its own generator
+        self.shard, self.augment_generator = shard, augment_generator or generator
         self.skip = 0  # batches the next pass leaves out (then reset)
 
     def _n(self) -> int:
+        rank, world = self.shard
+        if world > 1:  # whole global batches only, so every rank takes the same number of steps
+            return len(self.labels) // (self.batch_size * world) * self.batch_size
         n, rest = len(self.labels), len(self.labels) % self.batch_size
         # training drops a last batch of one (BatchNorm cannot train on a single sample), or any partial
         # one when asked (a compiled model would recompile for the odd shape), as make_loader does
@@ -49,9 +56,10 @@ class MemoryLoader:
                  else torch.arange(n, device=self.images.device))
         end, first = self._n(), self.skip * self.batch_size
         self.skip = 0
+        order = shard_order(order, self.batch_size, *self.shard)
         for c in range(0, end, self.chunk):
             idx = order[c:min(c + self.chunk, end)]
-            x, y = self.transform(self.images[idx], self.generator), self.labels[idx]  # drawn even when skipped
+            x, y = self.transform(self.images[idx], self.augment_generator), self.labels[idx]  # drawn even if skipped
             for i in range(max(0, first - c), len(idx), self.batch_size):
                 yield x[i:i + self.batch_size], y[i:i + self.batch_size]
 
@@ -63,7 +71,7 @@ class Loaders:
     test: Optional[object]
     kind: str  # memory | torchvision
     augment: Optional[BatchAugment]  # the batched transform (memory loader only)
-    generator: Optional[torch.Generator] = None  # every random draw of the training data (order, augmentation)
+    generators: tuple = ()  # every random draw of the training data (order, augmentation)
 
     def skip_train_batches(self, k: int) -> None:
         """Make the next training pass start at batch k (for resuming mid-epoch)."""
@@ -97,20 +105,23 @@ def build_eval_loader(ds: ImageDataset, cfg: DataConfig, kind: str, device: torc
 
 
 def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfig, device: torch.device, seed: int,
-                  workers: int, drop_partial: bool = False) -> Loaders:
+                  workers: int, drop_partial: bool = False, shard: tuple = (0, 1)) -> Loaders:
     """Train / val / test loaders of the configured kind, seeded; the train one augments (and drops a
-    partial last batch with drop_partial)."""
+    partial last batch with drop_partial). With shard=(rank, world) the train loader yields this rank's
+    part of each global batch; every rank evaluates the whole val and test splits."""
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
     mean, std = splits.mean, splits.std
     val = build_eval_loader(splits.val, cfg, kind, device, mean, std, workers)
     test = build_eval_loader(splits.test, cfg, kind, device, mean, std, workers) if splits.test is not None else None
     if kind == "memory":
         gen = torch.Generator(device=device).manual_seed(seed)
+        rank, world = shard
+        aug_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank) if world > 1 else gen
         aug = BatchAugment(augment_cfg, cfg.image_size, mean, std)
         images, labels = splits.train.materialize()
         train = MemoryLoader(images.to(device), labels.to(device), cfg.batch_size, True, aug, gen, drop_partial,
-                             cfg.augment_chunk)
-        return Loaders(train, val, test, kind, aug, gen)
+                             cfg.augment_chunk, shard, aug_gen)
+        return Loaders(train, val, test, kind, aug, (gen,) if aug_gen is gen else (gen, aug_gen))
     splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, mean, std)
-    train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial)
-    return Loaders(train, val, test, kind, None, train.sampler.generator)
+    train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial, shard)
+    return Loaders(train, val, test, kind, None, (train.sampler.generator,))

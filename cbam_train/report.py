@@ -42,17 +42,20 @@ def fmt_lr(lr: float) -> str:
 class Reporter:
     """Everything the run shows or writes about itself; one instance per run."""
 
-    def __init__(self, run_dir: Path, mode: str = "auto", curves_every_s: Optional[float] = None) -> None:
+    def __init__(self, run_dir: Path, mode: str = "auto", curves_every_s: Optional[float] = None,
+                 write: bool = True) -> None:
         """curves_every_s: redraw curves.png after an epoch when this many seconds passed since the last
-        drawing (0: every epoch; None: never); it is always drawn at the end."""
+        drawing (0: every epoch; None: never); it is always drawn at the end. write=False (the other ranks
+        of a data-parallel run): no files at all."""
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(mode)
         plain = self.mode != "rich"
         # markup=False everywhere: messages contain [brackets] (stage names, override lists) that must print as-is
         self.console = Console(highlight=False, markup=False, no_color=plain, force_terminal=False if plain else None,
                                width=120 if plain else None, soft_wrap=plain, quiet=self.mode == "quiet")
-        self.err = Console(stderr=True, highlight=False, markup=False, no_color=plain, soft_wrap=True)
-        self._log_file = open(self.run_dir / "train.log", "a", encoding="utf-8")
+        self.err = Console(stderr=True, highlight=False, markup=False, no_color=plain, soft_wrap=True, quiet=not write)
+        self.write = write
+        self._log_file = open(self.run_dir / "train.log" if write else os.devnull, "a", encoding="utf-8")
         self.log = Console(file=self._log_file, no_color=True, force_terminal=False, width=120,
                            highlight=False, markup=False, soft_wrap=True)
         self.rows: list = []  # metrics rows so far (all of them, after a resume)
@@ -131,6 +134,8 @@ class Reporter:
     def restore_metrics(self, rows: list) -> None:
         """metrics.jsonl/.csv as of a checkpoint: exactly `rows` (later rows of a killed run are dropped)."""
         self.rows = list(rows)
+        if not self.write:
+            return
         for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
                            ("metrics.csv", _csv_text(rows))):
             path = self.run_dir / name
@@ -141,6 +146,8 @@ class Reporter:
     def epoch(self, row: dict) -> None:
         """Append one epoch's row to metrics.jsonl and metrics.csv, print it, redraw the curves when due."""
         self.rows.append(row)
+        if not self.write:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         csv_path = self.run_dir / "metrics.csv"

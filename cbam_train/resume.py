@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from cbam_train import distributed
+from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, BackgroundSaver
+from cbam_train.distributed import Dist
 from cbam_train.config import ConfigError, UserError
 
 # A resume that changes one of these would continue a different model or different data: refused.
@@ -29,18 +31,18 @@ HARMLESS = ("log.", "bench.", "eval.", "task", "resume", "checkpoint", "init_fro
 NOT_CARRIED = ("resume", "checkpoint", "task", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
 
-def capture_rng(loader_generator: Optional[torch.Generator]) -> dict:
-    """Every random state a training step can draw from: python, numpy, torch CPU and CUDA, the data's generator."""
+def capture_rng(loader_generators: tuple = ()) -> dict:
+    """Every random state a training step can draw from: python, numpy, torch CPU and CUDA, the data's generators."""
     np_state = np.random.get_state()
     return {"python": random.getstate(),
             # numpy's state as tensors and numbers: a weights_only load cannot read numpy arrays
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "loader": loader_generator.get_state() if loader_generator is not None else None}
+            "loader": [g.get_state() for g in loader_generators]}
 
 
-def restore_rng(state: dict, loader_generator: Optional[torch.Generator]) -> None:
+def restore_rng(state: dict, loader_generators: tuple = ()) -> None:
     """Put back what capture_rng saved (CUDA states only when this machine has as many devices)."""
     random.setstate(_tuples(state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
@@ -48,8 +50,11 @@ def restore_rng(state: dict, loader_generator: Optional[torch.Generator]) -> Non
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if loader_generator is not None and state["loader"] is not None:
-        loader_generator.set_state(state["loader"])
+    if len(state["loader"]) != len(loader_generators):
+        raise UserError(f"resume: the checkpoint holds {len(state['loader'])} data generator state(s), this run has "
+                        f"{len(loader_generators)}; resume with the same data.loader and number of processes")
+    for g, st in zip(loader_generators, state["loader"]):
+        g.set_state(st)
 
 
 def _tuples(x: Any) -> Any:
@@ -124,6 +129,40 @@ def merge_overrides(recorded: list, given: list) -> list:
     """The run's recorded overrides (minus those `given` sets again, and run-specific ones), then `given`."""
     keys = {override_key(o) for o in given}
     return [o for o in recorded if override_key(o) not in keys and override_key(o) not in NOT_CARRIED] + given
+
+
+def checkpoint_names(epoch: int, every: int, stage, new_best: bool) -> list:
+    """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
+    also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
+    stage_end = epoch == stage.first_epoch + stage.epochs - 1
+    if not every or not (epoch % every == 0 or stage_end or new_best):
+        return []
+    return ["last.pt"] + ["best.pt"] * new_best + [f"stage{stage.index}-{stage.name}.pt"] * stage_end
+
+
+class RunSaver:
+    """Writes checkpoints of the run: what goes in them and where; remembers the last one for messages."""
+
+    def __init__(self, cfg: Any, overrides: list, run_dir: Path, model: nn.Module, scaler: Any, data: dict,
+                 dist: Dist) -> None:
+        self.cfg, self.overrides, self.model, self.scaler, self.data, self.dist = cfg, overrides, model, scaler, data, dist
+        self.folder, self.hint = run_dir / "checkpoints", f"cbam-train resume={run_dir}"
+        self.last: Optional[str] = None  # "epoch 3" / "epoch 4 step 20", for messages
+        self.writer = BackgroundSaver()
+
+    def __call__(self, names: list, opt: torch.optim.Optimizer, stage: Any, epoch: int, partial: Any, rng: dict,
+                 history: list, best_val: Optional[float], extras: Any) -> None:
+        """Every rank calls this at the same point (the random states of all ranks go into the file);
+        rank 0 writes it, on a background thread."""
+        ranks_rng = distributed.gather(rng, self.dist)
+        ranks_partial = distributed.gather(partial.to_dict() if partial is not None else None, self.dist)
+        self.last = f"epoch {epoch}" + (f" + {partial.step} step(s) of epoch {epoch + 1}" if partial else "")
+        if not self.dist.is_main:
+            return
+        state = make_checkpoint(self.cfg, self.overrides, self.model, opt, self.scaler, stage, epoch, partial, rng,
+                                history, best_val, self.data, extras.scheduler, extras.ema)
+        state.update(world=self.dist.world, rng_ranks=ranks_rng, partial_ranks=ranks_partial)
+        self.writer.save(state, self.folder, names, self.hint)
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cbam_train.checkpoint import (BackgroundSaver, CheckpointError, atomic_save, load_initial_weights,
-                                   load_state_dict_file, load_strict)
+from cbam_train import distributed
+from cbam_train.checkpoint import CheckpointError, atomic_save, load_initial_weights, load_state_dict_file, load_strict
 from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.data import build_splits
 from cbam_train.engine import (EpochState, NonFiniteLoss, StepExtras, TrainingError, available_cpus, build_ema,
@@ -23,8 +23,9 @@ from cbam_train.interrupt import Interrupted, StopRequest
 from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.report import Reporter
-from cbam_train.resume import (Resume, capture_rng, check_resume_config, check_resume_data, find_resume,
-                               make_checkpoint, restore_rng)
+from cbam_train.distributed import Dist
+from cbam_train.resume import (Resume, RunSaver, capture_rng, check_resume_config, check_resume_data,
+                               checkpoint_names, find_resume, restore_rng)
 from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, lr_factor, module_names,
                                  resolve_stages, trainable_parameters)
 
@@ -51,19 +52,22 @@ def check_run_dir(run_dir: Path, files: tuple = RUN_FILES, resuming: bool = Fals
 
 
 def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES,
-              resume: Optional[Resume] = None) -> tuple:
+              resume: Optional[Resume] = None, dist: Dist = Dist()) -> tuple:
     """Everything that can fail fast, before any data is read: (stages, device, model, reporter).
 
     Only after the run dir is known to be free (or to be the resumed run's own) is anything written into
-    it: the config record in .hydra/ (a resumed run keeps its original record).
+    it: the config record in .hydra/ (a resumed run keeps its original record). Under torchrun only rank 0
+    writes anything; the other ranks get a reporter that writes nothing.
     """
     stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)
-    device = resolve_device(cfg.device.name)
+    device = distributed.init(dist, resolve_device(cfg.device.name))
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise UserError(f"init_from: file not found: {cfg.init_from}")
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
+    if not dist.is_main:
+        return stages, device, model, Reporter(run_dir, "quiet", None, write=False)
     same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
     if same_dir and resume.path is not None and \
             resume.path.resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
@@ -83,21 +87,30 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
 
 def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None) -> dict:
     """The staged run: validate, build, train each selected stage (or the rest of them, with resume=),
-    evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint."""
+    evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint.
+    Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0's run dir is the run's."""
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
+    dist = distributed.from_env()
+    own_dir = Path(run_dir)
     resume = find_resume(cfg.resume)
-    stages, device, model, rep = start_run(cfg, run_dir, record, resume=resume)
+    stages, device, model, rep = start_run(cfg, own_dir, record, resume=resume, dist=dist)
+    run_dir = Path(distributed.broadcast(str(own_dir), dist))  # Hydra's ${now} may differ by a second per rank
     try:
         with StopRequest(rep.warn) as stop:
             return _run(cfg, run_dir, (record or {}).get("config.yaml", ""), list(overrides or []), stages, model,
-                        device, rep, t_start, resume, stop)
+                        device, rep, t_start, resume, stop, dist)
     except (UserError, TrainingError, Interrupted) as e:
         # the console gets it from the CLI; the log must say why the run stopped
         rep.log.print(f"{getattr(e, 'label', 'error')}: {e}")
         raise
     finally:
         rep.close()
+        distributed.shutdown(dist)
+        if own_dir != run_dir:  # another rank's empty Hydra dir
+            try:
+                own_dir.rmdir()
+            except OSError:
+                pass
 
 
 def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> None:
@@ -124,12 +137,13 @@ def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> 
                  f"first stage: schedule.stages.{first.name}.trainable=[{','.join(list(first.trainable) + add)}]")
 
 
-def prepare_data(cfg: Config, device: torch.device, rep: Reporter) -> tuple:
-    """(splits, loaders): the data split and loaded into the configured kind of loader."""
+def prepare_data(cfg: Config, device: torch.device, rep: Reporter, shard: tuple = (0, 1)) -> tuple:
+    """(splits, loaders): the data split and loaded into the configured kind of loader (the training
+    loader yielding this rank's part of each global batch under torchrun)."""
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
-    loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile)
+    loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile, shard)
     bad = getattr(splits.train.load, "bad", None)
     if bad:  # data.bad_images=skip (under error, reading them raised)
         first = splits.train.load.paths[next(iter(bad))]
@@ -163,40 +177,18 @@ def stage_scheduler(opt: torch.optim.Optimizer, st, steps_per_epoch: int):
         opt, lambda k: lr_factor(k, steps, warmup, st.sched, st.min_lr_ratio))
 
 
-def checkpoint_names(epoch: int, every: int, stage, new_best: bool) -> list:
-    """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
-    also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
-    stage_end = epoch == stage.first_epoch + stage.epochs - 1
-    if not every or not (epoch % every == 0 or stage_end or new_best):
-        return []
-    return ["last.pt"] + ["best.pt"] * new_best + [f"stage{stage.index}-{stage.name}.pt"] * stage_end
-
-
-class _Saver:
-    """Writes checkpoints of the run: what goes in them and where; remembers the last one for messages."""
-
-    def __init__(self, cfg: Config, overrides: list, run_dir: Path, model: nn.Module, amp, data: dict) -> None:
-        self.cfg, self.overrides, self.model, self.amp, self.data = cfg, overrides, model, amp, data
-        self.folder, self.hint = run_dir / "checkpoints", f"cbam-train resume={run_dir}"
-        self.last: Optional[str] = None  # "epoch 3" / "epoch 4 step 20", for messages
-        self.writer = BackgroundSaver()
-
-    def __call__(self, names: list, opt, stage, epoch: int, partial: Optional[EpochState], rng: dict,
-                 history: list, best_val: Optional[float], extras: StepExtras) -> None:
-        state = make_checkpoint(self.cfg, self.overrides, self.model, opt, self.amp.scaler, stage, epoch, partial,
-                                rng, history, best_val, self.data, extras.scheduler, extras.ema)
-        self.writer.save(state, self.folder, names, self.hint)
-        self.last = f"epoch {epoch}" + (f" + {partial.step} step(s) of epoch {epoch + 1}" if partial else "")
-
-
 def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: list, model: nn.Module,
-         device: torch.device, rep: Reporter, t_start: float, resume: Optional[Resume], stop: StopRequest) -> dict:
+         device: torch.device, rep: Reporter, t_start: float, resume: Optional[Resume], stop: StopRequest,
+         dist: Dist = Dist()) -> dict:
     if config_yaml:
         rep.config(config_yaml)
     ckpt = resume.ckpt if resume is not None else None
     if resume is not None:
         rep.print(resume.describe())
-    splits, loaders = prepare_data(cfg, device, rep)
+    splits, loaders = prepare_data(cfg, device, rep, (dist.rank, dist.world))
+    if dist.enabled:
+        rep.print(f"data-parallel: {dist.world} processes, global batch {cfg.data.batch_size * dist.world} "
+                  f"({cfg.data.batch_size} per process), {len(loaders.train)} steps per epoch")
     data = {"classes": list(splits.classes), "mean": list(splits.mean), "std": list(splits.std),
             "n_train": len(splits.train), "n_val": len(splits.val)}
     if ckpt is not None:
@@ -206,9 +198,15 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
             rep.warn(f"resuming with changed settings, so results will differ from an uninterrupted run: "
                      f"{'; '.join(changed)}")
         check_resume_data(ckpt["data"], data, str(resume.path))
+        if ckpt.get("world", 1) != dist.world:
+            raise UserError(f"resume: {resume.path} was written by {ckpt.get('world', 1)} process(es); resume it with "
+                            f"as many (torchrun --nproc_per_node=N), or start a new run with init_from=...")
+        if dist.enabled:  # each rank continues from its own random state and running sums
+            ckpt = {**ckpt, "rng": ckpt["rng_ranks"][dist.rank], "partial": ckpt["partial_ranks"][dist.rank]}
         load_strict(model, ckpt["model"], source)
     else:
         load_weights(cfg, model, stages, rep)
+    model = distributed.sync_batchnorm(model, dist, device, cfg.device.sync_bn)
     amp = setup_device(model, cfg.device, device)
     if ckpt is not None and amp.scaler is not None and ckpt.get("scaler"):
         amp.scaler.load_state_dict(ckpt["scaler"])
@@ -225,7 +223,16 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     done = ckpt["epoch"] if ckpt is not None else 0  # last finished epoch
     best_val = ckpt["best_val_acc"] if ckpt is not None else None
     pending = ckpt  # RNG, optimizer and mid-epoch state still to restore, at the first epoch that runs
-    save = _Saver(cfg, overrides, run_dir, model, amp, data)
+    save = RunSaver(cfg, overrides, run_dir, model, amp.scaler, data, dist)
+    steps_seen = [0]
+
+    def should_stop() -> bool:
+        """The stop flag, agreed by all ranks every log.every_n_steps steps (one tiny collective)."""
+        steps_seen[0] += 1
+        if not dist.enabled:
+            return stop()
+        return steps_seen[0] % cfg.log.every_n_steps == 0 and distributed.any_(stop(), dist, device)
+
     every_epochs = cfg.train.checkpoint_every_n_epochs
     try:
         stop.arm()
@@ -235,7 +242,8 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 continue
             params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
             opt = build_optimizer(params, cfg.optim, st.lr)
-            extras = StepExtras(cfg.train.label_smoothing, stage_scheduler(opt, st, len(loaders.train)), ema)
+            extras = StepExtras(cfg.train.label_smoothing, stage_scheduler(opt, st, len(loaders.train)), ema,
+                                (lambda flag: distributed.any_(flag, dist, device)) if dist.enabled else None)
             if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
                 try:
                     opt.load_state_dict(pending["optimizer"])
@@ -244,19 +252,20 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 except (ValueError, KeyError) as e:
                     raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
                                       f"({e}); its trainable modules or optim.* changed") from None
-            step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
+            step_model = distributed.wrap(model, dist, device)  # a new DDP wrapper for this stage's parameters
+            step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
             rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
                        f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
             for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
                 where = f"epoch {epoch} ({st.name})"
                 partial = None
                 if pending is not None:
-                    restore_rng(pending["rng"], loaders.generator)
+                    restore_rng(pending["rng"], loaders.generators)
                     if pending["step"]:
                         partial = EpochState(**pending["partial"])
                         loaders.skip_train_batches(partial.step)
                     pending = None
-                epoch_rng = capture_rng(loaders.generator)  # what a mid-epoch checkpoint restores before skipping
+                epoch_rng = capture_rng(loaders.generators)  # what a mid-epoch checkpoint restores before skipping
 
                 def mid_epoch(state: EpochState) -> None:
                     save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val, extras)
@@ -264,7 +273,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 with rep.progress(len(loaders.train), where) as on_step:
                     try:
                         tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
-                                             where, amp, partial, cfg.train.nan_policy, stop, mid_epoch,
+                                             where, amp, partial, cfg.train.nan_policy, should_stop, mid_epoch,
                                              cfg.train.checkpoint_every_n_steps, extras)
                     except NonFiniteLoss as e:
                         save.writer.wait()
@@ -276,6 +285,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                     save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val, extras)
                     save.writer.wait()
                     _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
+                tr = reduce_epoch(tr, dist, device)
                 va = evaluate(judged, loaders.val, device, amp, flip_tta=cfg.eval.flip_tta)
                 new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
                 best_val = va["acc"] if new_best else best_val
@@ -288,10 +298,11 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                 if tr["skipped"]:
                     rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
                 names = checkpoint_names(epoch, every_epochs, st, new_best)
-                if names or stop():
-                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generator), history, best_val,
-                         extras)
-                if stop():
+                stopping = distributed.any_(stop(), dist, device)
+                if names or stopping:
+                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generators), history,
+                         best_val, extras)
+                if stopping:
                     save.writer.wait()
                     _interrupted(stop, rep, run_dir, f"the end of {where}")
         save.writer.wait()  # the last checkpoint is on disk before the run reports success
@@ -304,6 +315,9 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
 
     test = evaluate(judged, loaders.test, device, amp, flip_tta=cfg.eval.flip_tta) if loaders.test is not None \
         else None
+    if not dist.is_main:
+        return {"final_val_acc": history[-1]["val_acc"] if history else None, "best_val_acc": best_val,
+                "test_acc": test["acc"] if test else None}
     try:
         atomic_save({k: v.detach().cpu().contiguous() for k, v in judged.state_dict().items()}, run_dir / "model.pt")
     except OSError as e:
@@ -324,8 +338,19 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     return summary
 
 
+def reduce_epoch(tr: dict, dist: Dist, device: torch.device) -> dict:
+    """A training epoch's loss, accuracy and counts over all ranks (a no-op in a single process)."""
+    if not dist.enabled:
+        return tr
+    st = tr["state"]
+    loss_sum, correct, seen, skipped = distributed.sum_(
+        [st.loss_sum.item(), st.correct.item(), st.seen, st.skipped], dist, device)
+    n = max(seen, 1)
+    return {**tr, "loss": loss_sum / n, "acc": correct / n, "n": int(seen), "skipped": int(skipped)}
+
+
 def _interrupted(stop: StopRequest, rep: Reporter, run_dir: Path, where: str) -> None:
-    name = signal.Signals(stop.signum).name
+    name = signal.Signals(stop.signum or signal.SIGTERM).name
     rep.print(f"{name}: stopped at {where}; saved {run_dir / 'checkpoints' / 'last.pt'}", quiet_too=True)
     rep.print(f"resume with: cbam-train resume={run_dir}", quiet_too=True)
     raise Interrupted(f"{name} at {where}; resume with: cbam-train resume={run_dir}", stop.signum)

@@ -1,0 +1,108 @@
+"""Data-parallel training under torchrun on the CPU (gloo, 2 processes): same batches as one process at
+the global batch size, rank-0-only outputs, exact resume of a 2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbam_train.data import SeededOrder, shard_order
+from cbam_train.distributed import Dist, sync_batchnorm
+
+BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
+        "augment=none", "log.mode=plain", "log.every_n_steps=4"]
+
+
+def torchrun(args: list, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cbam_train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def single(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def rows(run: Path) -> list:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shards_of_each_global_batch_are_the_single_process_batch():
+    order = torch.randperm(70, generator=torch.Generator().manual_seed(0))
+    shards = [shard_order(order, 8, r, 2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 32  # 70 // 16 = 4 whole global batches of 16
+    for k in range(4):  # batch k of rank 0 then rank 1 == global batch k of one process at batch 16
+        assert torch.equal(torch.cat([s[8 * k:8 * k + 8] for s in shards]), order[16 * k:16 * k + 16])
+    samplers = [SeededOrder(70, True, torch.Generator().manual_seed(3), 8, (r, 2)) for r in range(2)]
+    picks = [list(s) for s in samplers]
+    assert len(samplers[0]) == 32 and not {i for i, _ in picks[0]} & {i for i, _ in picks[1]}
+    assert len({seed for p in picks for _, seed in p}) == 64  # every image its own augmentation seed
+
+
+def test_sync_bn_needs_cuda():
+    from cbam_train.config import UserError
+    from cbam_train.models import ResNetCBAM
+
+    with pytest.raises(UserError, match="device.sync_bn=true needs CUDA"):
+        sync_batchnorm(ResNetCBAM(), Dist(0, 2, 0), torch.device("cpu"), True)
+    m = ResNetCBAM()
+    assert sync_batchnorm(m, Dist(), torch.device("cpu"), True) is m  # one process: nothing to sync
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """Stage 'head' trains only fc and CBAM, so every BatchNorm layer is frozen (eval mode) and a sample's
+    gradient does not depend on its batch: 2 x 16 under DDP must equal 32 in one process up to float
+    summation order. Stated tolerance: 1e-5 relative on losses, 1e-6 absolute on weights, with SGD (Adam's
+    division by sqrt(v) magnifies summation-order noise in tiny gradients to ~1e-5 in 12 steps)."""
+    common = BASE + ["stage=head", "schedule.stages.head.epochs=2", "schedule.stages.head.trainable=[fc,cbam]",
+                     "optim=sgd", "lr=0.05"]
+    one = single(common + ["data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    two = torchrun(common + ["data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "data-parallel: 2 processes, global batch 32 (16 per process), 6 steps per epoch" in two.stdout
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+        assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]
+    sa, sb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), rtol=0, atol=1e-6) for k in sa)
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_once_and_resumes_exactly(tmp_path):
+    """All stages (BatchNorm training per process), rank 0 alone writes; a 2-process resume from the stage-1
+    checkpoint (into a new dir) repeats the rest bit for bit: each rank gets its own random state back."""
+    args = BASE + ["data.batch_size=16"]
+    full = torchrun(args + [f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "full"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "curves.png", "metrics.csv",
+                                                    "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+    assert full.stdout.count("summary") == 1  # one console report, from rank 0
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["world"] == 2 and len(last["rng_ranks"]) == 2
+    branch = torchrun([f"resume={run / 'checkpoints' / 'stage1-head.pt'}", f"hydra.run.dir={tmp_path / 'branch'}"],
+                      tmp_path)
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}  # noqa
+                        for r in rs]
+    assert strip(rows(tmp_path / "branch")) == strip(rows(run))
+    sa, sb = (torch.load(d / "model.pt", weights_only=True) for d in (run, tmp_path / "branch"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # one process cannot continue a 2-process checkpoint exactly: refused with the fix
+    one = single([f"resume={run / 'checkpoints' / 'stage1-head.pt'}", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 2 and "written by 2 process(es)" in one.stderr
