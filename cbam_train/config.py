@@ -151,6 +151,11 @@ class LogConfig:
 
 
 @dataclass
+class LoggerConfig:
+    name: str = "none"  # none | tensorboard (scalars per epoch in <run dir>/tensorboard; needs the package)
+
+
+@dataclass
 class TrainConfig:
     nan_policy: str = "stop"  # stop: a non-finite loss ends the run (last good checkpoint kept) | skip_batch
     checkpoint_every_n_epochs: int = 1  # checkpoints/last.pt every N epochs (and at every stage end); 0: never
@@ -187,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -300,6 +306,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {cfg.train.ema_decay}")
+    _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
     _positive("bench.seconds", cfg.bench.seconds)
     _positive("bench.max_steps", cfg.bench.max_steps)

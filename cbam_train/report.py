@@ -43,7 +43,7 @@ class Reporter:
     """Everything the run shows or writes about itself; one instance per run."""
 
     def __init__(self, run_dir: Path, mode: str = "auto", curves_every_s: Optional[float] = None,
-                 write: bool = True) -> None:
+                 write: bool = True, tensorboard: bool = False) -> None:
         """curves_every_s: redraw curves.png after an epoch when this many seconds passed since the last
         drawing (0: every epoch; None: never); it is always drawn at the end. write=False (the other ranks
         of a data-parallel run): no files at all."""
@@ -59,11 +59,16 @@ class Reporter:
         self.log = Console(file=self._log_file, no_color=True, force_terminal=False, width=120,
                            highlight=False, markup=False, soft_wrap=True)
         self.rows: list = []  # metrics rows so far (all of them, after a resume)
+        self._tb = None
+        if tensorboard and write:
+            self._tb = check_tensorboard()(str(self.run_dir / "tensorboard"))
         self.curves_every_s, self._drawn_at, self._drawn_rows = curves_every_s, 0.0, -1
         self._stages: list = []
 
     def close(self) -> None:
         self.draw_curves(force=True)  # however the run ended, the picture shows every finished epoch
+        if self._tb is not None:
+            self._tb.close()
         self._log_file.close()
 
     # -- text
@@ -148,6 +153,11 @@ class Reporter:
         self.rows.append(row)
         if not self.write:
             return
+        if self._tb is not None:
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "train_images_per_s"):
+                if row.get(key) is not None:
+                    self._tb.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+            self._tb.flush()
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         csv_path = self.run_dir / "metrics.csv"
@@ -187,6 +197,20 @@ class Reporter:
         t.add_row("device", s["device"])
         t.add_row("run dir", str(self.run_dir))
         self.print(t, quiet_too=True)
+
+
+def check_tensorboard() -> type:
+    """torch's SummaryWriter; logger=tensorboard needs the tensorboard package: without it, one line
+    (the run calls this at start-up, before anything is written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        from cbam_train.config import UserError
+
+        raise UserError("logger=tensorboard: the tensorboard package is not installed; pip install tensorboard "
+                        "(or cbam-train[tensorboard]), or drop logger=tensorboard (metrics.csv and curves.png "
+                        "are always written)") from None
 
 
 def _csv_text(rows: list, header: bool = True) -> str:

@@ -22,7 +22,7 @@ from cbam_train.engine import (EpochState, NonFiniteLoss, StepExtras, TrainingEr
 from cbam_train.interrupt import Interrupted, StopRequest
 from cbam_train.loaders import build_loaders
 from cbam_train.models import build_model
-from cbam_train.report import Reporter
+from cbam_train.report import Reporter, check_tensorboard
 from cbam_train.distributed import Dist
 from cbam_train.resume import (Resume, RunSaver, capture_rng, check_resume_config, check_resume_data,
                                checkpoint_names, find_resume, restore_rng)
@@ -66,6 +66,8 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
+    if cfg.logger.name == "tensorboard":
+        check_tensorboard()
     if not dist.is_main:
         return stages, device, model, Reporter(run_dir, "quiet", None, write=False)
     same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
@@ -82,7 +84,8 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
         for name, text in (record or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
             (run_dir / ".hydra" / name).write_text(text)
-    return stages, device, model, Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s)
+    return stages, device, model, Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s,
+                                           tensorboard=cfg.logger.name == "tensorboard")
 
 
 def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None) -> dict:

@@ -105,3 +105,34 @@ def test_curves_draw_for_any_number_of_rows(tmp_path, n_rows):
     plots.draw_curves([row(e) for e in range(1, n_rows + 1)], plots.stage_spans(STAGES), tmp_path / "c.png")
     assert png_size(tmp_path / "c.png") == (1100, 420)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rep = Reporter(tmp_path, "quiet", tensorboard=True)
+    for e in (1, 2):
+        rep.epoch(row(e, 0.25 * e))
+    rep.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(ev.step, ev.value) for ev in acc.Scalars("val/acc")] == [(1, 0.25), (2, 0.5)]
+    assert {"train/loss", "val/loss", "train/acc", "lr"} <= set(acc.Tags()["scalars"])
+
+
+def test_missing_tensorboard_is_one_clear_line(monkeypatch):
+    import builtins
+
+    from cbam_train.config import UserError
+    from cbam_train.report import check_tensorboard
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(UserError, match="logger=tensorboard: the tensorboard package is not installed; pip install"):
+        check_tensorboard()
