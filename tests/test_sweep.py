@@ -82,3 +82,22 @@ def test_hparams_search_preset_sets_the_sweeper_grid():
         dcfg = compose(config_name="config", overrides=["hparams_search=lr_reduction"], return_hydra_config=True)
     assert dict(dcfg.hydra.sweeper.params) == {"lr": "3e-3,1e-3,3e-4", "model.cbam.reduction": "8,16"}
     compose_config(["hparams_search=lr_reduction"])  # and the job config still validates
+
+
+def test_slurm_launcher_config():
+    """conf/hydra/launcher/slurm.yaml extends the submitit plugin's config; it composes when the plugin is
+    installed (it is not a dependency: the check is skipped, with this reason, without it)."""
+    from omegaconf import OmegaConf
+
+    from cbam_train.cli import find_conf_dir, register_configs
+
+    raw = OmegaConf.load(find_conf_dir() / "hydra" / "launcher" / "slurm.yaml")
+    assert list(raw.defaults) == ["submitit_slurm"] and raw.gpus_per_node == 1 and raw.tasks_per_node == 1
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher not installed (optional; only SLURM users need it)")
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert dcfg.hydra.launcher._target_.endswith("SlurmLauncher") and dcfg.hydra.launcher.gpus_per_node == 1
