@@ -87,7 +87,14 @@ def load_checkpoint(path: str | Path, what: str = "resume") -> dict:
 
 
 def _first_line(e: BaseException) -> str:
+    """The reason a load failed, in one line. torch's weights-only refusal suggests weights_only=False, which
+    would run whatever the file holds: keep only what it found ('unsupported GLOBAL posix.system ...')."""
     text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        found = [ln.strip() for ln in text.splitlines()[1:] if ln.strip() and not ln.startswith(
+            ("Please file an issue", "Check the documentation", "Re-running")) and "WeightsUnpickler error" not in ln]
+        detail = found[0] if found else "it holds objects other than tensors"
+        return f"refused by the weights-only loader, nothing in it was run: {detail}"[:200]
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 

@@ -81,7 +81,7 @@ def with_recorded_overrides(args: list) -> list:
     path = path.resolve()
     run_dir = run_dir_of(path)
     try:
-        recorded = recorded_overrides(run_dir, path if path.is_file() else None)
+        recorded = recorded_overrides(run_dir, path if path.is_file() else None, key)
     except UserError as e:
         fail(str(e), e.exit_code)
     given = [f"{key}={_quoted(path)}" if override_key(a) == key else a for a in overrides]
@@ -103,6 +103,16 @@ def condense_hydra_error(text: str) -> str:
 
 
 _real_stderr = sys.stderr
+
+
+def _os_error_line(text: str) -> str | None:
+    """Hydra creates the run dir before cbam-train's code runs; when that fails it prints a traceback.
+    Its last line ('PermissionError: [Errno 13] Permission denied: 'x'') becomes one line that says the fix."""
+    m = re.search(r"^(?:\w+Error): \[Errno \d+\] ([^:\n]+): '([^'\n]+)'\s*$", text, re.M)
+    if not m or "Traceback" not in text:
+        return None
+    return (f"cannot create the run dir: {m.group(2)} ({m.group(1)}); choose another with hydra.run.dir=PATH "
+            "(or hydra.sweep.dir=PATH for -m)")
 
 
 def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> None:
@@ -182,8 +192,12 @@ def main() -> None:
     except SystemExit as e:
         sys.stderr = _real_stderr
         text = captured.getvalue()
-        if e.code not in (0, None) and "HYDRA_FULL_ERROR" in text:
-            fail(f"config: {condense_hydra_error(text)}", 2)
+        if e.code not in (0, None):
+            cannot = _os_error_line(text)
+            if cannot:
+                fail(cannot, 2)
+            if "HYDRA_FULL_ERROR" in text:
+                fail(f"config: {condense_hydra_error(text)}", 2)
         sys.stderr.write(text)
         raise
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -217,7 +218,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, device
         backward_step(loss, opt, amp)
         if extras.scheduler is not None:
             with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
                 extras.scheduler.step()
         if extras.ema is not None:
             extras.ema.update_parameters(model)

@@ -112,16 +112,20 @@ def run_dir_of(path: Path) -> Optional[Path]:
     return None
 
 
-def recorded_overrides(run_dir: Optional[Path], ckpt: Optional[Path]) -> list:
-    """The overrides a run was started with: its .hydra/overrides.yaml, else the checkpoint's copy."""
+def recorded_overrides(run_dir: Optional[Path], ckpt: Optional[Path], key: str = "resume") -> list:
+    """The overrides a run was started with: its .hydra/overrides.yaml, else the checkpoint's copy. For
+    resume= the file must be a cbam-train checkpoint; for checkpoint= (task=eval) a plain state dict has none."""
     from omegaconf import OmegaConf
 
     if run_dir is not None:
         return [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
     if ckpt is not None and ckpt.is_file():
-        from cbam_train.checkpoint import load_checkpoint
+        from cbam_train.checkpoint import load_checkpoint, read_weights
 
-        return [str(o) for o in load_checkpoint(ckpt, f"resume={ckpt}").get("overrides", [])]
+        if key == "resume":
+            return [str(o) for o in load_checkpoint(ckpt, f"resume={ckpt}").get("overrides", [])]
+        meta = read_weights(ckpt, f"{key}={ckpt}")[1]
+        return [str(o) for o in (meta or {}).get("overrides", [])]
     return []
 
 

@@ -110,6 +110,10 @@ def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
     assert row["train_loss"] == row["train_loss"] and 0 <= row["val_acc"] <= 1  # finite, sane
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert all(v.is_contiguous() for v in state.values())  # saved contiguous, loads anywhere
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (ck["scaler"] is not None) == scaler  # the GradScaler's state goes into checkpoints for a resume
+    if scaler:
+        assert ck["scaler"]["scale"] > 0 and "_growth_tracker" in ck["scaler"]
 
 
 def test_auto_precision_is_fp32_on_cpu():
