@@ -26,15 +26,30 @@ class WeightsError(UserError):
     """A weights file is missing, unreadable or does not fit the model."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it (briefly)
+    os.umask(mask)
+    return mask
+
+
+_umask = [_read_umask()]
+
+
+def _umask_now() -> int:
+    """The process umask, read on the main thread only: the umask is process-wide, and setting it from the
+    checkpoint-writer thread would briefly change the mode of files the training thread creates."""
+    if threading.current_thread() is threading.main_thread():
+        _umask[0] = _read_umask()
+    return _umask[0]
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.fchmod(fd, 0o666 & ~_umask_now())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

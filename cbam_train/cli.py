@@ -7,7 +7,6 @@ import io
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from hydra.core.config_store import ConfigStore
 
 from cbam_train.config import Config, UserError, validate
+from cbam_train.console import fail, print_error
 from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.sweep import write_status
 
@@ -34,22 +34,6 @@ def find_conf_dir() -> Path:
 def register_configs() -> None:
     """Register the schema (as `config_schema`, first in conf/config.yaml's defaults) with Hydra."""
     ConfigStore.instance().store(name="config_schema", node=Config)
-
-
-def print_error(msg: str, label: str = "error") -> None:
-    """One red line on stderr."""
-    from rich.console import Console
-    from rich.text import Text
-
-    if "Original Traceback" in msg:  # an error raised in a DataLoader worker: keep its own last line
-        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble((f"{label}: ", "bold red"), msg))
-
-
-def fail(msg: str, code: int = 2, label: str = "error") -> NoReturn:
-    """Print one red line to stderr and exit."""
-    print_error(msg, label)
-    sys.exit(code)
 
 
 def _value(args: list, key: str) -> str | None:

@@ -317,13 +317,24 @@ def skip_none_collate(batch: list):
     return default_collate(kept)
 
 
+def _worker_ignores_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process group): the main process
+    alone decides when to stop, and shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
                 pin_memory: bool = False, drop_partial: bool = False, shard: tuple = (0, 1)) -> DataLoader:
     """A DataLoader. The training one draws its order and a per-image augmentation seed from its own seeded
     generator (SeededOrder): reproducible for any number of workers, and resumable at any batch."""
-    g = torch.Generator().manual_seed(seed)
-    sampler = SeededOrder(len(ds), True, g, batch_size, shard) if train else None
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=g,
+    sampler = SeededOrder(len(ds), True, torch.Generator().manual_seed(seed), batch_size, shard) if train else None
+    # The DataLoader draws worker base seeds from its own generator, a different number of times with and
+    # without (persistent) workers: keep it apart from SeededOrder's, whose draws alone decide the data.
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed + 1), worker_init_fn=_worker_ignores_signals,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=skip_none_collate,
                       # BatchNorm cannot train on a batch of one; a compiled model recompiles for a partial one
                       drop_last=train and (drop_partial or len(ds) % batch_size == 1))

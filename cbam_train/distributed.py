@@ -114,6 +114,13 @@ def gather(obj: Any, dist: Dist) -> list:
     return out
 
 
+def barrier() -> None:
+    """Wait for every rank (only called under torchrun)."""
+    import torch.distributed as td
+
+    td.barrier()
+
+
 def broadcast(obj: Any, dist: Dist) -> Any:
     """Rank 0's obj on every rank."""
     if not dist.enabled:
@@ -123,3 +130,14 @@ def broadcast(obj: Any, dist: Dist) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def reduce_epoch(tr: dict, dist: Dist, device: torch.device) -> dict:
+    """A training epoch's loss, accuracy and counts over all ranks (a no-op in a single process)."""
+    if not dist.enabled:
+        return tr
+    st = tr["state"]
+    loss_sum, correct, seen, skipped = sum_(
+        [st.loss_sum.item(), st.correct.item(), st.seen, st.skipped], dist, device)
+    n = max(seen, 1)
+    return {**tr, "loss": loss_sum / n, "acc": correct / n, "n": int(seen), "skipped": int(skipped)}

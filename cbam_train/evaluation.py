@@ -18,7 +18,7 @@ from cbam_train.engine import available_cpus, evaluate, resolve_device, setup_de
 from cbam_train.loaders import build_eval_loader, choose_loader
 from cbam_train.models import build_model
 from cbam_train.report import Reporter, write_json_atomic
-from cbam_train.train import check_run_dir
+from cbam_train.rundir import check_run_dir, write_record
 
 EVAL_FILES = ("eval.json", "train.log")
 
@@ -43,12 +43,14 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
     run_dir, path = Path(run_dir), Path(cfg.checkpoint)
     device = resolve_device(cfg.device.name)
     state, ckpt = read_weights(path, f"checkpoint={cfg.checkpoint}")
+    weights = "model"
+    if ckpt is not None and ckpt.get("ema"):  # a run with train.ema_decay judged (and saved) its EMA weights
+        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        weights = "ema"
     model = build_model(cfg.model)
     load_strict(model, state, f"checkpoint={cfg.checkpoint}")
     check_run_dir(run_dir, EVAL_FILES)
-    for name, text in (record or {}).items():
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        (run_dir / ".hydra" / name).write_text(text)
+    write_record(run_dir, record)
     rep = Reporter(run_dir, cfg.log.mode)
     try:
         data_cfg = cfg.data
@@ -70,7 +72,8 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
                      for i, (c, row) in enumerate(zip(splits.classes, confusion))}
         out = {"checkpoint": str(path), "split": cfg.eval.split, "data": cfg.data.name, "n": res["n"],
                "accuracy": res["acc"], "loss": res["loss"], "per_class": per_class, "classes": list(splits.classes),
-               "confusion": confusion, "flip_tta": cfg.eval.flip_tta, "device": str(device), "precision": amp.name,
+               "confusion": confusion, "weights": weights, "flip_tta": cfg.eval.flip_tta, "device": str(device),
+               "precision": amp.name,
                "wall_time_s": round(time.perf_counter() - t0, 3)}
         write_json_atomic(run_dir / "eval.json", out)
         rep.print(eval_tables(out), quiet_too=True)

@@ -60,8 +60,7 @@ class Reporter:
                            highlight=False, markup=False, soft_wrap=True)
         self.rows: list = []  # metrics rows so far (all of them, after a resume)
         self._tb = None
-        if tensorboard and write:
-            self._tb = check_tensorboard()(str(self.run_dir / "tensorboard"))
+        self._tb_class = check_tensorboard() if tensorboard and write else None
         self.curves_every_s, self._drawn_at, self._drawn_rows = curves_every_s, 0.0, -1
         self._stages: list = []
 
@@ -153,6 +152,9 @@ class Reporter:
         self.rows.append(row)
         if not self.write:
             return
+        if self._tb is None and self._tb_class is not None:
+            # after a resume, events of epochs past the checkpoint are dropped like their metrics rows
+            self._tb = self._tb_class(str(self.run_dir / "tensorboard"), purge_step=row["epoch"])
         if self._tb is not None:
             for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "train_images_per_s"):
                 if row.get(key) is not None:

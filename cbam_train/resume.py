@@ -24,9 +24,9 @@ REFUSED = ("model.name", "model.num_classes", "model.stem", "model.cbam.", "data
            "data.image_size", "data.num_classes", "data.train_size", "data.test_size", "data.val_size", "data.limit",
            "data.mean", "data.std", "data.bad_images", "seed")
 # Changing these does not change a single number of the run.
-HARMLESS = ("log.", "bench.", "eval.", "task", "resume", "checkpoint", "init_from", "experiment", "model.pretrained",
-            "model.weights", "data.download", "data.num_workers", "data.eval_batch_size", "data.memory_budget_mb",
-            "train.checkpoint_every_n_epochs", "train.checkpoint_every_n_steps")
+HARMLESS = ("log.", "bench.", "eval.split", "task", "resume", "checkpoint", "init_from", "experiment",
+            "model.pretrained", "model.weights", "data.download", "data.num_workers", "data.memory_budget_mb",
+            "train.checkpoint_every_n_epochs", "train.checkpoint_every_n_steps", "sweep.", "logger.")
 # Recorded overrides that never carry over into a resumed (or evaluated) run's command line.
 NOT_CARRIED = ("resume", "checkpoint", "task", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
@@ -54,7 +54,12 @@ def restore_rng(state: dict, loader_generators: tuple = ()) -> None:
         raise UserError(f"resume: the checkpoint holds {len(state['loader'])} data generator state(s), this run has "
                         f"{len(loader_generators)}; resume with the same data.loader and number of processes")
     for g, st in zip(loader_generators, state["loader"]):
-        g.set_state(st)
+        try:
+            g.set_state(st)
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and the other way round
+            raise UserError(f"resume: the checkpoint's data generator comes from another kind of device than "
+                            f"this run's {g.device.type}; resume on the device type it was trained on "
+                            "(device=...), or start a new run with init_from=...") from None
 
 
 def _tuples(x: Any) -> Any:
@@ -149,7 +154,8 @@ class RunSaver:
 
     def __init__(self, cfg: Any, overrides: list, run_dir: Path, model: nn.Module, scaler: Any, data: dict,
                  dist: Dist) -> None:
-        self.cfg, self.overrides, self.model, self.scaler, self.data, self.dist = cfg, overrides, model, scaler, data, dist
+        self.cfg, self.overrides, self.model, self.scaler = cfg, overrides, model, scaler
+        self.data, self.dist = data, dist
         self.folder, self.hint = run_dir / "checkpoints", f"cbam-train resume={run_dir}"
         self.last: Optional[str] = None  # "epoch 3" / "epoch 4 step 20", for messages
         self.writer = BackgroundSaver()

@@ -9,7 +9,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
+import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cbam_train.config import ConfigError
 
@@ -148,3 +150,12 @@ def frozen_new_modules(stages: Sequence[Stage], new_modules: Iterable[str], mode
         if untrained:
             out[st.name] = list(untrained)
     return out
+
+
+def stage_scheduler(opt: torch.optim.Optimizer, st: Stage, steps_per_epoch: int) -> Optional[LambdaLR]:
+    """The per-step lr schedule inside a stage (schedule.stages.<name>.sched), or None for a constant lr."""
+    if not st.has_lr_schedule():
+        return None
+    steps, warmup = st.epochs * steps_per_epoch, round(st.warmup_epochs * steps_per_epoch)
+    return LambdaLR(
+        opt, lambda k: lr_factor(k, steps, warmup, st.sched, st.min_lr_ratio))

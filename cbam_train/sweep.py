@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from cbam_train.console import fail
 from cbam_train.plots import draw_sweep, safe_draw
 from cbam_train.report import write_json_atomic
 
@@ -107,7 +108,5 @@ class SweepSummary(Callback):
         failed = [r for r in rows if r["status"] != "completed"]
         console.print(f"wrote {sweep_dir / 'sweep_summary.csv'}, sweep_summary.json and sweep.png")
         if failed:
-            from cbam_train.cli import fail
-
             fail(f"{len(failed)} of {len(rows)} sweep jobs did not complete (job {failed[0]['job']}: "
                  f"{failed[0]['error']}); see {sweep_dir / 'sweep_summary.csv'}", 1)

@@ -26,29 +26,11 @@ from cbam_train.report import Reporter, check_tensorboard
 from cbam_train.distributed import Dist
 from cbam_train.resume import (Resume, RunSaver, capture_rng, check_resume_config, check_resume_data,
                                checkpoint_names, find_resume, restore_rng)
-from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, lr_factor, module_names,
-                                 resolve_stages, trainable_parameters)
+from cbam_train.rundir import RUN_FILES, claim_run_dir
+from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, module_names, resolve_stages,
+                                 stage_scheduler, trainable_parameters)
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log", "checkpoints")
-
-
-def check_run_dir(run_dir: Path, files: tuple = RUN_FILES, resuming: bool = False) -> None:
-    """Refuse to write into a folder that already holds a run's results (never overwrite them), unless
-    this is that run resuming; either way the folder must be writable."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run dir {run_dir} cannot be created ({e.strerror}); choose another with hydra.run.dir=PATH")
-    taken = [f for f in files + (".hydra",) if (run_dir / f).exists()]
-    if taken and not resuming:
-        raise UserError(f"run dir {run_dir} already holds a run ({', '.join(taken)}); "
-                        "choose another with hydra.run.dir=PATH")
-    probe = run_dir / ".write_test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"run dir {run_dir} is not writable ({e.strerror}); choose another with hydra.run.dir=PATH")
+STOP_POLL_STEPS = 10  # data-parallel: steps between the collective checks of the stop flag
 
 
 def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES,
@@ -68,22 +50,20 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     check_trainable(model, cfg.schedule.stages)
     if cfg.logger.name == "tensorboard":
         check_tensorboard()
+    error = None
+    if dist.is_main:
+        try:
+            claim_run_dir(run_dir, record, required, resume, stages[-1].last_epoch)
+        except UserError as e:
+            error = e
+    if dist.enabled:  # the other ranks must not wait in a collective for a rank 0 that gave up
+        failed = distributed.broadcast(str(error) if error else None, dist)
+        if failed and not dist.is_main:
+            raise UserError(failed)
+    if error:
+        raise error
     if not dist.is_main:
         return stages, device, model, Reporter(run_dir, "quiet", None, write=False)
-    same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
-    if same_dir and resume.path is not None and \
-            resume.path.resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
-        raise UserError(f"resume={resume.path}: an earlier checkpoint cannot continue in its own run dir (that would "
-                        "overwrite the run's later results); drop hydra.run.dir= to branch into a new run dir")
-    check_run_dir(run_dir, required, resuming=same_dir)
-    if same_dir and resume.ckpt is not None and (run_dir / "summary.json").is_file() \
-            and resume.ckpt["epoch"] >= stages[-1].first_epoch + stages[-1].epochs - 1:
-        raise UserError(f"resume: the run in {run_dir} already finished (summary.json); nothing to resume. "
-                        "To train longer, add epochs: schedule.stages.<name>.epochs=N")
-    if not same_dir:
-        for name, text in (record or {}).items():
-            (run_dir / ".hydra").mkdir(exist_ok=True)
-            (run_dir / ".hydra" / name).write_text(text)
     return stages, device, model, Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s,
                                            tensorboard=cfg.logger.name == "tensorboard")
 
@@ -143,7 +123,12 @@ def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> 
 def prepare_data(cfg: Config, device: torch.device, rep: Reporter, shard: tuple = (0, 1)) -> tuple:
     """(splits, loaders): the data split and loaded into the configured kind of loader (the training
     loader yielding this rank's part of each global batch under torchrun)."""
+    rank, world = shard
+    if world > 1 and rank != 0:  # rank 0 downloads / decodes (and caches) first; the others then read it
+        distributed.barrier()
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
+    if world > 1 and rank == 0:
+        distributed.barrier()
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
     loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile, shard)
@@ -167,17 +152,8 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
         rows.append({"index": st.index, "name": st.name, "epochs": st.epochs, "lr": st.lr,
                      "trainable": list(st.trainable),
                      "trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in names),
-                     "first_epoch": st.first_epoch, "last_epoch": st.first_epoch + st.epochs - 1})
+                     "first_epoch": st.first_epoch, "last_epoch": st.last_epoch})
     return rows
-
-
-def stage_scheduler(opt: torch.optim.Optimizer, st, steps_per_epoch: int):
-    """The per-step lr schedule inside a stage (schedule.stages.<name>.sched), or None for a constant lr."""
-    if not st.has_lr_schedule():
-        return None
-    steps, warmup = st.epochs * steps_per_epoch, round(st.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: lr_factor(k, steps, warmup, st.sched, st.min_lr_ratio))
 
 
 def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: list, model: nn.Module,
@@ -230,17 +206,18 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     steps_seen = [0]
 
     def should_stop() -> bool:
-        """The stop flag, agreed by all ranks every log.every_n_steps steps (one tiny collective)."""
+        """The stop flag, agreed by all ranks every STOP_POLL_STEPS steps (one tiny collective): torchrun
+        SIGKILLs its workers 30 s after passing a signal on, so the stop must come well before that."""
         steps_seen[0] += 1
         if not dist.enabled:
             return stop()
-        return steps_seen[0] % cfg.log.every_n_steps == 0 and distributed.any_(stop(), dist, device)
+        return steps_seen[0] % STOP_POLL_STEPS == 0 and distributed.any_(stop(), dist, device)
 
     every_epochs = cfg.train.checkpoint_every_n_epochs
     try:
         stop.arm()
         for st in stages:
-            last_epoch = st.first_epoch + st.epochs - 1
+            last_epoch = st.last_epoch
             if last_epoch <= done:
                 continue
             params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
@@ -288,8 +265,10 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                     save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val, extras)
                     save.writer.wait()
                     _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
-                tr = reduce_epoch(tr, dist, device)
+                tr = distributed.reduce_epoch(tr, dist, device)
                 va = evaluate(judged, loaders.val, device, amp, flip_tta=cfg.eval.flip_tta)
+                # each rank's BatchNorm statistics differ slightly: rank 0's numbers decide (e.g. a new best)
+                va = distributed.broadcast(va, dist)
                 new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
                 best_val = va["acc"] if new_best else best_val
                 row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": opt.param_groups[0]["lr"],
@@ -339,17 +318,6 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
                "config": dataclasses.asdict(cfg)}
     rep.summary(summary)
     return summary
-
-
-def reduce_epoch(tr: dict, dist: Dist, device: torch.device) -> dict:
-    """A training epoch's loss, accuracy and counts over all ranks (a no-op in a single process)."""
-    if not dist.enabled:
-        return tr
-    st = tr["state"]
-    loss_sum, correct, seen, skipped = distributed.sum_(
-        [st.loss_sum.item(), st.correct.item(), st.seen, st.skipped], dist, device)
-    n = max(seen, 1)
-    return {**tr, "loss": loss_sum / n, "acc": correct / n, "n": int(seen), "skipped": int(skipped)}
 
 
 def _interrupted(stop: StopRequest, rep: Reporter, run_dir: Path, where: str) -> None:

@@ -70,6 +70,12 @@ def test_ema_weights_are_evaluated_and_saved(tmp_path):
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes)
     loader = build_eval_loader(splits.test, cfg.data, "memory", torch.device("cpu"), splits.mean, splits.std, 0)
     assert evaluate(model, loader, torch.device("cpu"), flip_tta=True)["acc"] == s["test_acc"]
+    # task=eval of the run's checkpoint judges the same (EMA) weights, not the raw ones stored beside them
+    from cbam_train.evaluation import run_eval
+
+    out = run_eval(compose_config(["experiment=smoke", *SMALL, "eval.flip_tta=true", "task=eval",
+                                   f"checkpoint={tmp_path / 'ema' / 'checkpoints' / 'last.pt'}"]), tmp_path / "ev")
+    assert out["weights"] == "ema" and out["accuracy"] == s["test_acc"]
 
 
 def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():

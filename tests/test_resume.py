@@ -171,13 +171,21 @@ TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val
 
 
 def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_path):
+    """Two epochs (persistent workers draw differently from the second on), and a 2-worker run resumed at
+    the stage boundary (a fresh DataLoader iterator) equal to the uninterrupted 0-worker run."""
     from cbam_train.train import run
     from conftest import compose_config
 
+    args = TINY + ["data.loader=torchvision", "stage=head", "schedule.stages.head.epochs=2"]
     for w in (0, 2):
-        run(compose_config(TINY + ["data.loader=torchvision", f"data.num_workers={w}", "stage=head"]),
-            tmp_path / f"w{w}")
+        run(compose_config(args + [f"data.num_workers={w}"]), tmp_path / f"w{w}")
     assert_same_run(tmp_path / "w0", tmp_path / "w2")
+    first = tmp_path / "w2" / "checkpoints" / "first.pt"
+    run(compose_config(TINY + ["data.loader=torchvision", "stage=head", "schedule.stages.head.epochs=1",
+                               "data.num_workers=2"]), tmp_path / "e1")
+    (tmp_path / "e1" / "checkpoints" / "last.pt").rename(first)
+    run(compose_config(args + ["data.num_workers=2", f"resume={first}"]), tmp_path / "resumed")
+    assert_same_run(tmp_path / "w0", tmp_path / "resumed")
 
 
 EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.warmup_epochs=0.5",
@@ -324,3 +332,18 @@ def test_config_changes_sort_refused_harmless_and_other_keys():
     assert check_resume_config(old, other, "x") == ["optim.weight_decay: 0.0 -> 0.0005"]
     with pytest.raises(ConfigError, match=r"data.limit: None -> 100"):
         check_resume_config(old, {**old, "data": {"limit": 100, "num_workers": 4}}, "x")
+
+
+def test_resuming_a_run_with_results_but_no_checkpoint_is_refused(tmp_path):
+    """train.checkpoint_every_n_epochs=0 leaves no last.pt: starting over would overwrite the results."""
+    from cbam_train.config import UserError
+    from cbam_train.train import run
+    from conftest import compose_config
+
+    args = TINY + ["stage=head", "train.checkpoint_every_n_epochs=0"]
+    run(compose_config(args), tmp_path / "run", {"overrides.yaml": "[]\n"})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="has no checkpoints/last.pt but holds results"):
+        run(compose_config(args + [f"resume={tmp_path / 'run'}"]), tmp_path / "run")
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}

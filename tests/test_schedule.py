@@ -300,7 +300,7 @@ def test_lr_factor_warmup_then_constant_or_cosine():
 
 def test_stage_scheduler_steps_the_optimizer_lr_per_step():
     from cbam_train.config import SchedConfig
-    from cbam_train.train import stage_scheduler
+    from cbam_train.schedule import stage_scheduler
 
     st = resolve_stages({"a": StageConfig(epochs=2, lr=0.4, sched=SchedConfig("cosine", 1.0, 0.0))})[0]
     p = nn.Parameter(torch.zeros(1))
