@@ -29,10 +29,15 @@ def resolve_mode(mode: str, stream=None) -> str:
     return "rich" if stream.isatty() and os.environ.get("TERM") != "dumb" else "plain"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and rename: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def fmt_lr(lr: float) -> str:
@@ -140,12 +145,8 @@ class Reporter:
         self.rows = list(rows)
         if not self.write:
             return
-        for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
-                           ("metrics.csv", _csv_text(rows))):
-            path = self.run_dir / name
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(self.run_dir / "metrics.csv", csv_text(rows))
 
     def epoch(self, row: dict) -> None:
         """Append one epoch's row to metrics.jsonl and metrics.csv, print it, redraw the curves when due."""
@@ -165,7 +166,7 @@ class Reporter:
         csv_path = self.run_dir / "metrics.csv"
         new = not csv_path.exists() or csv_path.stat().st_size == 0
         with open(csv_path, "a", encoding="utf-8", newline="") as f:
-            f.write(_csv_text([row], header=new))
+            f.write(csv_text([row], header=new))
         text = (f"epoch {row['epoch']:>3} [{row['stage_name']}] train loss {row['train_loss']:.4f} "
                 f"acc {100 * row['train_acc']:5.2f}% | val loss {_num(row['val_loss'], '.4f')} "
                 f"acc {_pct(row['val_acc'])} | lr {fmt_lr(row['lr'])} | {row['epoch_time_s']:.1f} s | "
@@ -215,14 +216,14 @@ def check_tensorboard() -> type:
                         "are always written)") from None
 
 
-def _csv_text(rows: list, header: bool = True) -> str:
-    """rows as CSV (the first row's keys are the columns; None as an empty cell)."""
-    if not rows:
+def csv_text(rows: list, header: bool = True, columns: Optional[tuple] = None) -> str:
+    """rows as CSV (columns: the first row's keys unless given; None as an empty cell)."""
+    if not rows and columns is None:
         return ""
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns or rows[0]), lineterminator="\n")
     if header:
         w.writeheader()
     w.writerows(rows)

@@ -4,7 +4,6 @@ table sorted by best val accuracy. It reads only files, so it works for any laun
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from cbam_train.console import fail
 from cbam_train.plots import draw_sweep, safe_draw
-from cbam_train.report import write_json_atomic
+from cbam_train.report import csv_text, write_json_atomic, write_text_atomic
 
 COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "test_acc", "epochs", "wall_time_s",
            "run_dir", "error")
@@ -63,14 +62,10 @@ def ranked(rows: list) -> list:
 
 
 def write_summary(sweep_dir: Path, rows: list) -> None:
+    """sweep_summary.json (overrides as lists) and sweep_summary.csv (overrides joined by spaces)."""
     write_json_atomic(sweep_dir / "sweep_summary.json", rows)
-    tmp = sweep_dir / ".sweep_summary.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "overrides": " ".join(r["overrides"])})
-    tmp.replace(sweep_dir / "sweep_summary.csv")
+    flat = [{**r, "overrides": " ".join(r["overrides"])} for r in rows]
+    write_text_atomic(sweep_dir / "sweep_summary.csv", csv_text(flat, columns=COLUMNS))
 
 
 def summary_table(rows: list, sweep_dir: Path) -> Table:
