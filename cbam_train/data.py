@@ -318,12 +318,13 @@ def skip_none_collate(batch: list):
 
 
 def _worker_ignores_signals(_worker_id: int) -> None:
-    """Loader workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process group): the main process
-    alone decides when to stop, and shuts its workers down itself."""
+    """Loader workers ignore SIGINT (a Ctrl-C reaches the whole process group) and drop the training
+    process's SIGTERM handler they inherited: the main process alone decides when to stop, and its
+    shutdown of the workers (terminate() = SIGTERM) must still end them."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def make_loader(ds: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,

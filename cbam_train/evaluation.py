@@ -15,7 +15,7 @@ from cbam_train.checkpoint import load_strict, read_weights
 from cbam_train.config import Config, UserError
 from cbam_train.data import build_splits
 from cbam_train.engine import available_cpus, evaluate, resolve_device, setup_device
-from cbam_train.loaders import build_eval_loader, choose_loader
+from cbam_train.loaders import build_eval_loader, choose_loader, shutdown_workers
 from cbam_train.models import build_model
 from cbam_train.report import Reporter, write_json_atomic
 from cbam_train.rundir import check_run_dir, write_record
@@ -66,7 +66,10 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
         loader = build_eval_loader(ds, cfg.data, kind, device, splits.mean, splits.std,
                                    min(cfg.data.num_workers, available_cpus()))
         amp = setup_device(model, cfg.device, device)
-        res = evaluate(model, loader, device, amp, num_classes=len(splits.classes), flip_tta=cfg.eval.flip_tta)
+        try:
+            res = evaluate(model, loader, device, amp, num_classes=len(splits.classes), flip_tta=cfg.eval.flip_tta)
+        finally:
+            shutdown_workers(loader)
         confusion = res["confusion"]
         per_class = {c: (row[i] / sum(row) if sum(row) else None)
                      for i, (c, row) in enumerate(zip(splits.classes, confusion))}

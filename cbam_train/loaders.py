@@ -73,12 +73,26 @@ class Loaders:
     augment: Optional[BatchAugment]  # the batched transform (memory loader only)
     generators: tuple = ()  # every random draw of the training data (order, augmentation)
 
+    def close(self) -> None:
+        """Stop the persistent worker processes of torchvision loaders now, not at interpreter exit (where
+        multiprocessing's atexit terminates them and torch reports each as 'killed by signal')."""
+        for loader in (self.train, self.val, self.test):
+            shutdown_workers(loader)
+
     def skip_train_batches(self, k: int) -> None:
         """Make the next training pass start at batch k (for resuming mid-epoch)."""
         if isinstance(self.train, MemoryLoader):
             self.train.skip = k
         else:
             self.train.sampler.skip = k * self.train.batch_size
+
+
+def shutdown_workers(loader: object) -> None:
+    """End a DataLoader's persistent workers (a no-op for the memory loader or a loader without workers)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # DataLoader's own clean shutdown (its __del__ calls the same)
+        loader._iterator = None
 
 
 def choose_loader(splits: DataSplits, loader: str, budget_mb: int) -> str:

@@ -165,159 +165,168 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
     if resume is not None:
         rep.print(resume.describe())
     splits, loaders = prepare_data(cfg, device, rep, (dist.rank, dist.world))
-    if dist.enabled:
-        rep.print(f"data-parallel: {dist.world} processes, global batch {cfg.data.batch_size * dist.world} "
-                  f"({cfg.data.batch_size} per process), {len(loaders.train)} steps per epoch")
-    data = {"classes": list(splits.classes), "mean": list(splits.mean), "std": list(splits.std),
-            "n_train": len(splits.train), "n_val": len(splits.val)}
-    if ckpt is not None:
-        source = f"resume={resume.path}"
-        changed = check_resume_config(ckpt["config"], dataclasses.asdict(cfg), str(resume.path))
-        if changed:
-            rep.warn(f"resuming with changed settings, so results will differ from an uninterrupted run: "
-                     f"{'; '.join(changed)}")
-        check_resume_data(ckpt["data"], data, str(resume.path))
-        if ckpt.get("world", 1) != dist.world:
-            raise UserError(f"resume: {resume.path} was written by {ckpt.get('world', 1)} process(es); resume it with "
-                            f"as many (torchrun --nproc_per_node=N), or start a new run with init_from=...")
-        if dist.enabled:  # each rank continues from its own random state and running sums
-            ckpt = {**ckpt, "rng": ckpt["rng_ranks"][dist.rank], "partial": ckpt["partial_ranks"][dist.rank]}
-        load_strict(model, ckpt["model"], source)
-    else:
-        load_weights(cfg, model, stages, rep)
-    model = distributed.sync_batchnorm(model, dist, device, cfg.device.sync_bn)
-    amp = setup_device(model, cfg.device, device)
-    if ckpt is not None and amp.scaler is not None and ckpt.get("scaler"):
-        amp.scaler.load_state_dict(ckpt["scaler"])
-    ema = build_ema(model, cfg.train.ema_decay)  # evaluated and saved instead of the raw weights when on
-    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
-    judged = ema.module if ema is not None else model  # the weights val/test accuracy and model.pt refer to
-    stage_rows = stage_table_rows(model, stages)
-    rep.stage_table(stage_rows)
-
-    history = list(ckpt["history"]) if ckpt is not None else []
-    if resume is not None:
-        rep.restore_metrics(history)  # rows written after the checkpoint are dropped, not duplicated
-    done = ckpt["epoch"] if ckpt is not None else 0  # last finished epoch
-    best_val = ckpt["best_val_acc"] if ckpt is not None else None
-    pending = ckpt  # RNG, optimizer and mid-epoch state still to restore, at the first epoch that runs
-    save = RunSaver(cfg, overrides, run_dir, model, amp.scaler, data, dist)
-    steps_seen = [0]
-
-    def should_stop() -> bool:
-        """The stop flag, agreed by all ranks every STOP_POLL_STEPS steps (one tiny collective): torchrun
-        SIGKILLs its workers 30 s after passing a signal on, so the stop must come well before that."""
-        steps_seen[0] += 1
-        if not dist.enabled:
-            return stop()
-        return steps_seen[0] % STOP_POLL_STEPS == 0 and distributed.any_(stop(), dist, device)
-
-    every_epochs = cfg.train.checkpoint_every_n_epochs
     try:
-        stop.arm()
-        for st in stages:
-            last_epoch = st.last_epoch
-            if last_epoch <= done:
-                continue
-            params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
-            opt = build_optimizer(params, cfg.optim, st.lr)
-            extras = StepExtras(cfg.train.label_smoothing, stage_scheduler(opt, st, len(loaders.train)), ema,
-                                (lambda flag: distributed.any_(flag, dist, device)) if dist.enabled else None)
-            if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
-                try:
-                    opt.load_state_dict(pending["optimizer"])
-                    if extras.scheduler is not None and pending.get("scheduler") is not None:
-                        extras.scheduler.load_state_dict(pending["scheduler"])
-                except (ValueError, KeyError) as e:
-                    raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage '{st.name}' "
-                                      f"({e}); its trainable modules or optim.* changed") from None
-            step_model = distributed.wrap(model, dist, device)  # a new DDP wrapper for this stage's parameters
-            step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
-            rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
-                       f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
-            for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
-                where = f"epoch {epoch} ({st.name})"
-                partial = None
-                if pending is not None:
-                    restore_rng(pending["rng"], loaders.generators)
-                    if pending["step"]:
-                        partial = EpochState(**pending["partial"])
-                        loaders.skip_train_batches(partial.step)
-                    pending = None
-                epoch_rng = capture_rng(loaders.generators)  # what a mid-epoch checkpoint restores before skipping
+        if dist.enabled:
+            rep.print(f"data-parallel: {dist.world} processes, global batch {cfg.data.batch_size * dist.world} "
+                      f"({cfg.data.batch_size} per process), {len(loaders.train)} steps per epoch")
+        data = {"classes": list(splits.classes), "mean": list(splits.mean), "std": list(splits.std),
+                "n_train": len(splits.train), "n_val": len(splits.val)}
+        if ckpt is not None:
+            source = f"resume={resume.path}"
+            changed = check_resume_config(ckpt["config"], dataclasses.asdict(cfg), str(resume.path))
+            if changed:
+                rep.warn(f"resuming with changed settings, so results will differ from an uninterrupted run: "
+                         f"{'; '.join(changed)}")
+            check_resume_data(ckpt["data"], data, str(resume.path))
+            if ckpt.get("world", 1) != dist.world:
+                raise UserError(f"resume: {resume.path} was written by {ckpt.get('world', 1)} process(es); "
+                                f"resume it with "
+                                f"as many (torchrun --nproc_per_node=N), or start a new run with init_from=...")
+            if dist.enabled:  # each rank continues from its own random state and running sums
+                ckpt = {**ckpt, "rng": ckpt["rng_ranks"][dist.rank], "partial": ckpt["partial_ranks"][dist.rank]}
+            load_strict(model, ckpt["model"], source)
+        else:
+            load_weights(cfg, model, stages, rep)
+        model = distributed.sync_batchnorm(model, dist, device, cfg.device.sync_bn)
+        amp = setup_device(model, cfg.device, device)
+        if ckpt is not None and amp.scaler is not None and ckpt.get("scaler"):
+            amp.scaler.load_state_dict(ckpt["scaler"])
+        ema = build_ema(model, cfg.train.ema_decay)  # evaluated and saved instead of the raw weights when on
+        if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        judged = ema.module if ema is not None else model  # the weights val/test accuracy and model.pt refer to
+        stage_rows = stage_table_rows(model, stages)
+        rep.stage_table(stage_rows)
 
-                def mid_epoch(state: EpochState) -> None:
-                    save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val, extras)
+        history = list(ckpt["history"]) if ckpt is not None else []
+        if resume is not None:
+            rep.restore_metrics(history)  # rows written after the checkpoint are dropped, not duplicated
+        done = ckpt["epoch"] if ckpt is not None else 0  # last finished epoch
+        best_val = ckpt["best_val_acc"] if ckpt is not None else None
+        pending = ckpt  # RNG, optimizer and mid-epoch state still to restore, at the first epoch that runs
+        save = RunSaver(cfg, overrides, run_dir, model, amp.scaler, data, dist)
+        steps_seen = [0]
 
-                with rep.progress(len(loaders.train), where) as on_step:
-                    try:
-                        tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
-                                             where, amp, partial, cfg.train.nan_policy, should_stop, mid_epoch,
-                                             cfg.train.checkpoint_every_n_steps, extras)
-                    except NonFiniteLoss as e:
-                        save.writer.wait()
-                        kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
-                            "no checkpoint was written in this run"
-                        raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), check the data, "
-                                            "or set train.nan_policy=skip_batch") from None
-                if tr["stopped"]:
-                    save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val, extras)
-                    save.writer.wait()
-                    _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
-                tr = distributed.reduce_epoch(tr, dist, device)
-                va = evaluate(judged, loaders.val, device, amp, flip_tta=cfg.eval.flip_tta)
-                # each rank's BatchNorm statistics differ slightly: rank 0's numbers decide (e.g. a new best)
-                va = distributed.broadcast(va, dist)
-                new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
-                best_val = va["acc"] if new_best else best_val
-                row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": opt.param_groups[0]["lr"],
-                       "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                       "val_acc": va["acc"], "skipped_batches": tr["skipped"], "epoch_time_s": round(tr["time_s"], 4),
-                       "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
-                history.append(row)
-                rep.epoch(row)
-                if tr["skipped"]:
-                    rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss (train.nan_policy)")
-                names = checkpoint_names(epoch, every_epochs, st, new_best)
-                stopping = distributed.any_(stop(), dist, device)
-                if names or stopping:
-                    save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generators), history,
-                         best_val, extras)
-                if stopping:
-                    save.writer.wait()
-                    _interrupted(stop, rep, run_dir, f"the end of {where}")
-        save.writer.wait()  # the last checkpoint is on disk before the run reports success
-    except BaseException:
+        def should_stop() -> bool:
+            """The stop flag, agreed by all ranks every STOP_POLL_STEPS steps (one tiny collective): torchrun
+            SIGKILLs its workers 30 s after passing a signal on, so the stop must come well before that."""
+            steps_seen[0] += 1
+            if not dist.enabled:
+                return stop()
+            return steps_seen[0] % STOP_POLL_STEPS == 0 and distributed.any_(stop(), dist, device)
+
+        every_epochs = cfg.train.checkpoint_every_n_epochs
         try:
-            save.writer.wait()  # never leave a write half-done; the error already raised is the one to report
-        except Exception:
-            pass
-        raise
+            stop.arm()
+            for st in stages:
+                last_epoch = st.last_epoch
+                if last_epoch <= done:
+                    continue
+                params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
+                opt = build_optimizer(params, cfg.optim, st.lr)
+                extras = StepExtras(cfg.train.label_smoothing, stage_scheduler(opt, st, len(loaders.train)), ema,
+                                    (lambda flag: distributed.any_(flag, dist, device)) if dist.enabled else None)
+                if pending is not None and pending["stage_name"] == st.name:  # else the checkpoint ended its stage
+                    try:
+                        opt.load_state_dict(pending["optimizer"])
+                        if extras.scheduler is not None and pending.get("scheduler") is not None:
+                            extras.scheduler.load_state_dict(pending["scheduler"])
+                    except (ValueError, KeyError) as e:
+                        raise ConfigError(f"resume: the optimizer state in {resume.path} does not fit stage "
+                                          f"'{st.name}' "
+                                          f"({e}); its trainable modules or optim.* changed") from None
+                step_model = distributed.wrap(model, dist, device)  # a new DDP wrapper for this stage's parameters
+                step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
+                rep.banner(f"stage {st.index}/{len(cfg.schedule.stages)} '{st.name}': {st.epochs} epoch(s), "
+                           f"lr {st.lr:.2e}, training {', '.join(st.trainable)}")
+                for epoch in range(max(st.first_epoch, done + 1), last_epoch + 1):
+                    where = f"epoch {epoch} ({st.name})"
+                    partial = None
+                    if pending is not None:
+                        restore_rng(pending["rng"], loaders.generators)
+                        if pending["step"]:
+                            partial = EpochState(**pending["partial"])
+                            loaders.skip_train_batches(partial.step)
+                        pending = None
+                    epoch_rng = capture_rng(loaders.generators)  # what a mid-epoch checkpoint restores before skipping
 
-    test = evaluate(judged, loaders.test, device, amp, flip_tta=cfg.eval.flip_tta) if loaders.test is not None \
-        else None
-    if not dist.is_main:
-        return {"final_val_acc": history[-1]["val_acc"] if history else None, "best_val_acc": best_val,
-                "test_acc": test["acc"] if test else None}
-    try:
-        atomic_save({k: v.detach().cpu().contiguous() for k, v in judged.state_dict().items()}, run_dir / "model.pt")
-    except OSError as e:
-        raise CheckpointError(f"could not write {run_dir / 'model.pt'} ({e.strerror or e}); checkpoints/last.pt "
-                              f"holds the trained model: free space and finish with: {save.hint}") from None
-    last_val = history[-1]["val_acc"] if history else None
-    summary = {"final_val_acc": last_val, "best_val_acc": best_val,
-               "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
-               "epochs_run": len(history), "wall_time_s": round(time.perf_counter() - t_start, 3),
-               "resumed_from": str(resume.path) if resume is not None and resume.path else None,
-               "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
-                          for r in stage_rows],
-               "weights": "ema" if ema is not None else "final",
-               "device": str(device), "loader": loaders.kind, "precision": amp.name,
-               "classes": splits.classes, "data_mean": list(splits.mean), "data_std": list(splits.std),
-               "config": dataclasses.asdict(cfg)}
-    rep.summary(summary)
-    return summary
+                    def mid_epoch(state: EpochState) -> None:
+                        save(["last.pt"], opt, st, epoch - 1, state, epoch_rng, history, best_val, extras)
+
+                    with rep.progress(len(loaders.train), where) as on_step:
+                        try:
+                            tr = train_one_epoch(step_model, loaders.train, opt, device, on_step, cfg.log.every_n_steps,
+                                                 where, amp, partial, cfg.train.nan_policy, should_stop, mid_epoch,
+                                                 cfg.train.checkpoint_every_n_steps, extras)
+                        except NonFiniteLoss as e:
+                            save.writer.wait()
+                            kept = f"checkpoints/last.pt ({save.last}) is the last good state" if save.last else \
+                                "no checkpoint was written in this run"
+                            raise TrainingError(f"{e}; stopped, {kept}; lower the learning rate (lr=...), "
+                                                "check the data, "
+                                                "or set train.nan_policy=skip_batch") from None
+                    if tr["stopped"]:
+                        save(["last.pt"], opt, st, epoch - 1, tr["state"], epoch_rng, history, best_val, extras)
+                        save.writer.wait()
+                        _interrupted(stop, rep, run_dir, f"{where} step {tr['state'].step}/{len(loaders.train)}")
+                    tr = distributed.reduce_epoch(tr, dist, device)
+                    va = evaluate(judged, loaders.val, device, amp, flip_tta=cfg.eval.flip_tta)
+                    # each rank's BatchNorm statistics differ slightly: rank 0's numbers decide (e.g. a new best)
+                    va = distributed.broadcast(va, dist)
+                    new_best = va["acc"] is not None and (best_val is None or va["acc"] > best_val)
+                    best_val = va["acc"] if new_best else best_val
+                    row = {"epoch": epoch, "stage": st.index, "stage_name": st.name, "lr": opt.param_groups[0]["lr"],
+                           "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                           "val_acc": va["acc"], "skipped_batches": tr["skipped"],
+                           "epoch_time_s": round(tr["time_s"], 4),
+                           "train_images_per_s": round(tr["n"] / tr["time_s"], 2)}
+                    history.append(row)
+                    rep.epoch(row)
+                    if tr["skipped"]:
+                        rep.warn(f"{where}: skipped {tr['skipped']} batch(es) with a non-finite loss "
+                                 "(train.nan_policy)")
+                    names = checkpoint_names(epoch, every_epochs, st, new_best)
+                    stopping = distributed.any_(stop(), dist, device)
+                    if names or stopping:
+                        save(names or ["last.pt"], opt, st, epoch, None, capture_rng(loaders.generators), history,
+                             best_val, extras)
+                    if stopping:
+                        save.writer.wait()
+                        _interrupted(stop, rep, run_dir, f"the end of {where}")
+            save.writer.wait()  # the last checkpoint is on disk before the run reports success
+        except BaseException:
+            try:
+                save.writer.wait()  # never leave a write half-done; the error already raised is the one to report
+            except Exception:
+                pass
+            raise
+
+        test = evaluate(judged, loaders.test, device, amp, flip_tta=cfg.eval.flip_tta) if loaders.test is not None \
+            else None
+        if not dist.is_main:
+            return {"final_val_acc": history[-1]["val_acc"] if history else None, "best_val_acc": best_val,
+                    "test_acc": test["acc"] if test else None}
+        try:
+            final = {k: v.detach().cpu().contiguous() for k, v in judged.state_dict().items()}
+            atomic_save(final, run_dir / "model.pt")
+        except OSError as e:
+            raise CheckpointError(f"could not write {run_dir / 'model.pt'} ({e.strerror or e}); checkpoints/last.pt "
+                                  f"holds the trained model: free space and finish with: {save.hint}") from None
+        last_val = history[-1]["val_acc"] if history else None
+        summary = {"final_val_acc": last_val, "best_val_acc": best_val,
+                   "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
+                   "epochs_run": len(history), "wall_time_s": round(time.perf_counter() - t_start, 3),
+                   "resumed_from": str(resume.path) if resume is not None and resume.path else None,
+                   "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
+                              for r in stage_rows],
+                   "weights": "ema" if ema is not None else "final",
+                   "device": str(device), "loader": loaders.kind, "precision": amp.name,
+                   "classes": splits.classes, "data_mean": list(splits.mean), "data_std": list(splits.std),
+                   "config": dataclasses.asdict(cfg)}
+        rep.summary(summary)
+        return summary
+    finally:
+        loaders.close()
 
 
 def _interrupted(stop: StopRequest, rep: Reporter, run_dir: Path, where: str) -> None:
