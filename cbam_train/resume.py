@@ -143,7 +143,7 @@ def merge_overrides(recorded: list, given: list) -> list:
 def checkpoint_names(epoch: int, every: int, stage, new_best: bool) -> list:
     """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
     also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
-    stage_end = epoch == stage.first_epoch + stage.epochs - 1
+    stage_end = epoch == stage.last_epoch
     if not every or not (epoch % every == 0 or stage_end or new_best):
         return []
     return ["last.pt"] + ["best.pt"] * new_best + [f"stage{stage.index}-{stage.name}.pt"] * stage_end

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -63,3 +65,30 @@ def cli(tmp_path):
             args.append(f"hydra.run.dir={run_dir or tmp_path / 'run'}")
         return run_cli(args, cwd=tmp_path, env=env)
     return _run
+
+
+# --- CIFAR-10's python pickle batches, written by the tests (the real download is unreachable here) ----
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PER_BATCH = 20
+
+
+def _write_pickle(path: Path, obj) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))  # the original files are protocol-2 pickles
+
+
+def write_cifar(root: Path, meta_key="label_names", meta_names=None, per_batch: int = PER_BATCH) -> dict:
+    """Write root/cifar-10-batches-py in CIFAR-10's python format; return what was written."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int((b * per_batch + i) % 10) for i in range(per_batch)]
+        _write_pickle(base / name, {b"batch_label": f"batch {b}".encode(), b"labels": labels, b"data": data,
+                                    b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)]})
+        written[name] = (data, labels)
+    names = meta_names if meta_names is not None else [n.encode() for n in CIFAR_NAMES]
+    _write_pickle(base / "batches.meta", {meta_key: names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    return written

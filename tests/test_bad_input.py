@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, write_cifar
 
 # tiny settings: a failing call spends its ~2-4 s on start-up, not on data
 BASE = {"experiment": "smoke", "data.image_size": 8, "data.train_size": 64, "data.val_size": 16,
@@ -50,19 +49,6 @@ def write_images(split_dir: Path, per_class: int = 4, size: int = 8) -> list:
             Image.fromarray(a).save(split_dir / name / f"img{k}.png")
             paths.append(split_dir / name / f"img{k}.png")
     return paths
-
-
-def write_cifar(root: Path, per_batch: int = 10) -> Path:
-    """root/cifar-10-batches-py in CIFAR-10's python pickle format (protocol 2, bytes keys); returns the folder."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(per_batch)],
-                 b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
-        (base / name).write_bytes(pickle.dumps(batch, protocol=2))
-    return base
 
 
 def fake_run_dir(folder: Path, overrides: list) -> Path:
@@ -186,14 +172,16 @@ def class_count_mismatch(tmp, trained):
 
 
 def cifar_batch_missing(tmp, trained):
-    base = write_cifar(tmp / "cifar")
+    write_cifar(tmp / "cifar")
+    base = tmp / "cifar" / "cifar-10-batches-py"
     (base / "data_batch_3").unlink()
     return Case(argv({"data": "cifar10", "data.root": tmp / "cifar", "data.download": "false",
                       "data.image_size": 32}), (str(base / "data_batch_3"), "missing"), watch=(tmp / "cifar",))
 
 
 def cifar_batch_corrupt(tmp, trained):
-    base = write_cifar(tmp / "cifar")
+    write_cifar(tmp / "cifar")
+    base = tmp / "cifar" / "cifar-10-batches-py"
     (base / "data_batch_1").write_bytes(np.random.default_rng(2).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     return Case(argv({"data": "cifar10", "data.root": tmp / "cifar", "data.download": "false",
                       "data.image_size": 32}), (str(base / "data_batch_1"), "not a valid CIFAR-10 batch"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from cbam_train.data import (
     build_splits,
     load_cifar10,
 )
+from conftest import CIFAR_NAMES, PER_BATCH, _write_pickle, write_cifar
 
-CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 HINTS = ("data.root", "data=imagefolder", "experiment=smoke")
 
 
@@ -34,28 +33,6 @@ def no_download(monkeypatch):
 
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
 
-PER_BATCH = 20
-
-
-def _write_pickle(path: Path, obj) -> None:
-    path.write_bytes(pickle.dumps(obj, protocol=2))  # the original files are protocol-2 pickles
-
-
-def write_cifar(root: Path, meta_key="label_names", meta_names=None, per_batch: int = PER_BATCH) -> dict:
-    """Write root/cifar-10-batches-py in CIFAR-10's python format; return what was written."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = [int((b * per_batch + i) % 10) for i in range(per_batch)]
-        _write_pickle(base / name, {b"batch_label": f"batch {b}".encode(), b"labels": labels, b"data": data,
-                                    b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)]})
-        written[name] = (data, labels)
-    names = meta_names if meta_names is not None else [n.encode() for n in CIFAR_NAMES]
-    _write_pickle(base / "batches.meta", {meta_key: names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
-    return written
 
 
 def test_cifar10_loads_batches_with_cifar_layout(tmp_path):
