@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from rich.console import Console
 from rich.panel import Panel
@@ -48,10 +48,10 @@ class Reporter:
     """Everything the run shows or writes about itself; one instance per run."""
 
     def __init__(self, run_dir: Path, mode: str = "auto", curves_every_s: Optional[float] = None,
-                 write: bool = True, tensorboard: bool = False) -> None:
+                 write: bool = True, tensorboard: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         """curves_every_s: redraw curves.png after an epoch when this many seconds passed since the last
-        drawing (0: every epoch; None: never); it is always drawn at the end. write=False (the other ranks
-        of a data-parallel run): no files at all."""
+        drawing (0: every epoch; None: never); the first epoch and the end are always drawn. write=False (the
+        other ranks of a data-parallel run): no files at all. clock: seconds from any origin (injectable)."""
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(mode)
         plain = self.mode != "rich"
@@ -66,7 +66,9 @@ class Reporter:
         self.rows: list = []  # metrics rows so far (all of them, after a resume)
         self._tb = None
         self._tb_class = check_tensorboard() if tensorboard and write else None
-        self.curves_every_s, self._drawn_at, self._drawn_rows = curves_every_s, 0.0, -1
+        # _drawn_at: the clock when curves.png was last drawn, None before the first drawing (time.monotonic()
+        # counts from boot, so a number here would throttle the first epoch on a machine up for < curves_every_s)
+        self.curves_every_s, self._clock, self._drawn_at, self._drawn_rows = curves_every_s, clock, None, -1
         self._stages: list = []
 
     def close(self) -> None:
@@ -179,13 +181,13 @@ class Reporter:
         """curves.png from the rows so far, when due (see curves_every_s) or forced; a failure only warns."""
         if self.curves_every_s is None or not self.rows or len(self.rows) == self._drawn_rows:
             return
-        if not force and time.monotonic() - self._drawn_at < self.curves_every_s:
+        if not force and self._drawn_at is not None and self._clock() - self._drawn_at < self.curves_every_s:
             return
         self._drawn_rows = len(self.rows)
         path = self.run_dir / "curves.png"
         if not safe_draw(lambda: draw_curves(self.rows, self._stages, path, str(self.run_dir)), path, self.warn):
             self.curves_every_s = None  # warned once; do not retry every epoch
-        self._drawn_at = time.monotonic()
+        self._drawn_at = self._clock()
 
     def summary(self, s: dict) -> None:
         write_json_atomic(self.run_dir / "summary.json", s)

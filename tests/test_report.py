@@ -56,25 +56,47 @@ def test_restore_metrics_rewrites_both_files(tmp_path):
     assert len(lines) == 3 and lines[0].startswith("epoch,") and lines[2].split(",")[7] == "0.7"
 
 
-def test_curves_drawn_every_epoch_when_asked_and_at_the_end_when_throttled(tmp_path):
-    (tmp_path / "a").mkdir()
-    rep = Reporter(tmp_path / "a", "quiet", curves_every_s=0)
+class FakeClock:
+    """Seconds since boot, advanced by hand: the throttle must not depend on how long the machine is up."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_curves_drawn_every_epoch_when_asked(tmp_path):
+    rep = Reporter(tmp_path, "quiet", curves_every_s=0, clock=FakeClock(0.0))
     rep.stage_table(STAGES)
     rep.epoch(row(1))
-    assert png_size(tmp_path / "a" / "curves.png") == (1100, 420)
-    first = (tmp_path / "a" / "curves.png").read_bytes()
+    assert png_size(tmp_path / "curves.png") == (1100, 420)
+    first = (tmp_path / "curves.png").read_bytes()
     rep.epoch(row(2))
-    assert (tmp_path / "a" / "curves.png").read_bytes() != first  # redrawn with the new epoch
+    assert (tmp_path / "curves.png").read_bytes() != first  # redrawn with the new epoch
     rep.close()
-    (tmp_path / "b").mkdir()
-    rep = Reporter(tmp_path / "b", "quiet", curves_every_s=3600)
+
+
+@pytest.mark.parametrize("uptime_s", [0.0, 5.0, 1e6], ids=["just-booted", "young", "up-for-weeks"])
+def test_curves_throttled_after_the_first_epoch_and_drawn_at_the_end_whatever_the_uptime(tmp_path, uptime_s):
+    """The first epoch is drawn even when the clock (time.monotonic counts from boot) reads less than
+    curves_every_s; a bug once throttled it on machines up for less than that."""
+    clock = FakeClock(uptime_s)
+    rep = Reporter(tmp_path, "quiet", curves_every_s=20, clock=clock)
     rep.stage_table(STAGES)
-    rep.epoch(row(1))  # the first epoch is drawn (nothing drawn yet)
-    before = (tmp_path / "b" / "curves.png").read_bytes()
+    rep.epoch(row(1))  # nothing drawn yet: drawn now
+    before = (tmp_path / "curves.png").read_bytes()
+    clock.now += 19.9
     rep.epoch(row(2))
-    assert (tmp_path / "b" / "curves.png").read_bytes() == before  # throttled
+    assert (tmp_path / "curves.png").read_bytes() == before  # throttled: 19.9 s < 20 s since the last drawing
+    clock.now += 0.2
+    rep.epoch(row(3))
+    third = (tmp_path / "curves.png").read_bytes()
+    assert third != before  # 20.1 s since the last drawing: drawn
+    rep.epoch(row(4))
+    assert (tmp_path / "curves.png").read_bytes() == third  # throttled again
     rep.close()
-    assert (tmp_path / "b" / "curves.png").read_bytes() != before  # the end is always drawn
+    assert (tmp_path / "curves.png").read_bytes() != third  # the end is always drawn
 
 
 def test_a_failing_plot_warns_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
