@@ -152,14 +152,16 @@ def rotate(x: Tensor, degrees: Tensor) -> Tensor:
 
 
 def _unit_float(x: Tensor) -> Tensor:
-    # A new float32 tensor in [0, 1]; uint8 scaled as torchvision's ToDtype(float32, scale=True)
+    # A new tensor of torch's default dtype (float32 unless a caller changed it; the DDP equivalence test
+    # trains in float64) in [0, 1]; uint8 scaled as torchvision's ToDtype(float32, scale=True)
+    dtype = torch.get_default_dtype()
     if x.is_floating_point():
-        return x.to(torch.float32, copy=True)
-    return x.to(torch.float32).mul_(1.0 / 255)
+        return x.to(dtype, copy=True)
+    return x.to(dtype).mul_(1.0 / 255)
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 (scaled to [0, 1]) or float [0, 1] (B, 3, H, W) -> float32 (x - mean) / std per channel."""
+    """uint8 (scaled to [0, 1]) or float [0, 1] (B, 3, H, W) -> float32 (the default dtype) (x - mean) / std."""
     return _normalize_(_unit_float(x), mean, std)
 
 

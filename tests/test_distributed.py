@@ -19,17 +19,20 @@ BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.va
         "augment=none", "log.mode=plain", "log.every_n_steps=4"]
 
 
-def torchrun(args: list, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+FLOAT64_CLI = str(Path(__file__).with_name("float64_cli.py"))
+
+
+def torchrun(args: list, cwd: Path, nproc: int = 2, float64: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "cbam_train", *args]
+           *([FLOAT64_CLI] if float64 else ["-m", "cbam_train"]), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def single(args: list, cwd: Path) -> subprocess.CompletedProcess:
+def single(args: list, cwd: Path, float64: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    cmd = [sys.executable, *([FLOAT64_CLI] if float64 else ["-m", "cbam_train"]), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def rows(run: Path) -> list:
@@ -61,24 +64,34 @@ def test_sync_bn_needs_cuda():
 @pytest.mark.slow
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     """Stage 'head' trains only fc and CBAM, so every BatchNorm layer is frozen (eval mode) and a sample's
-    gradient does not depend on its batch: 2 x 16 under DDP must equal 32 in one process up to float
-    summation order. Stated tolerance: 1e-5 relative on losses, 1e-6 absolute on weights, with SGD (Adam's
-    division by sqrt(v) magnifies summation-order noise in tiny gradients to ~1e-5 in 12 steps)."""
+    gradient does not depend on its batch: 2 x 16 under DDP must equal 32 in one process up to the rounding
+    of sums taken in another order (DDP averages two partial gradients; one process sums all 32).
+
+    Both runs train in float64 (tests/float64_cli.py), so the tolerance follows from the arithmetic, not
+    from one CPU: float64's unit roundoff is 2^-53 = 1.1e-16, and 12 SGD steps amplified float32's rounding
+    (2^-24) into weight differences of up to 7.1e-6 on one machine, a factor of ~1e2 over weights of O(1);
+    the same amplification in float64 gives ~1e-14. A batching or averaging bug moves weights by a share
+    of their update (the fc update's norm is ~0.5 here). atol=1e-9 on the weights and rel=1e-9 on the
+    losses sit orders of magnitude from both. val_loss is computed from float32 logits (evaluate casts
+    them): summing 32 of them in another order changes it by at most ~32 x 2^-24 = 2e-6 relative."""
     common = BASE + ["stage=head", "schedule.stages.head.epochs=2", "schedule.stages.head.trainable=[fc,cbam]",
                      "optim=sgd", "lr=0.05"]
-    one = single(common + ["data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    two = torchrun(common + ["data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    one = single(common + ["data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, float64=True)
+    two = torchrun(common + ["data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, float64=True)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-3000:]
     assert "data-parallel: 2 processes, global batch 32 (16 per process), 6 steps per epoch" in two.stdout
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for key in ("train_loss", "val_loss"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
         assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]
     sa, sb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))
-    assert all(torch.allclose(sa[k].float(), sb[k].float(), rtol=0, atol=1e-6) for k in sa)
+    assert sa["fc.weight"].dtype == torch.float64  # the runs really were float64
+    worst = max((sa[k] - sb[k]).abs().max().item() for k in sa if sa[k].is_floating_point())
+    assert worst <= 1e-9, worst
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not sa[k].is_floating_point())
 
 
 @pytest.mark.slow
