@@ -16,7 +16,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from hydra.core.config_store import ConfigStore
 
-from cbam_train.config import Config, UserError, validate
+from cbam_train.config import Config, UserError
+from cbam_train.validation import validate
 from cbam_train.console import fail, print_error
 from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.sweep import write_status
@@ -84,6 +85,22 @@ def condense_hydra_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines()
              if ln.strip() and "HYDRA_FULL_ERROR" not in ln and not ln.strip().startswith("object_type=")]
     return re.sub(r"\s+", " ", "; ".join(lines)).replace(":;", ":").replace(".;", ";")
+
+
+def quoting_hint(text: str, args: list) -> str:
+    """For Hydra's "Error parsing override 'X'": when X has no '=' it is most likely the rest of a value that
+    had a space in it and was not quoted; say how to quote it, with the user's own value when we can."""
+    m = re.search(r"Error parsing override '([^'\n]*)'", text)
+    if not m or "=" in m.group(1):
+        return ""
+    token = m.group(1)
+    if token in args and args.index(token) > 0 and "=" in args[args.index(token) - 1]:
+        key, value = args[args.index(token) - 1].split("=", 1)
+        example = f"""'{key}="{value} {token}"'"""
+    else:
+        example = """'data.root="/path/with space"'"""
+    return (f"; '{token}' is not key=value: a value with a space must be quoted for the shell and for Hydra, "
+            f"e.g. {example}")
 
 
 _real_stderr = sys.stderr
@@ -181,7 +198,7 @@ def main() -> None:
             if cannot:
                 fail(cannot, 2)
             if "HYDRA_FULL_ERROR" in text:
-                fail(f"config: {condense_hydra_error(text)}", 2)
+                fail(f"config: {condense_hydra_error(text)}{quoting_hint(text, sys.argv[1:])}", 2)
         sys.stderr.write(text)
         raise
     except BaseException:

@@ -1,13 +1,13 @@
 """The configuration schema: typed dataclasses that Hydra's ConfigStore registers and YAML fills.
 
-Hydra rejects unknown keys and wrong types at composition (struct mode); `validate` adds the
-checks a type cannot express (ranges, choices) with messages a user can act on.
+Hydra rejects unknown keys and wrong types at composition (struct mode); `validation.validate` adds the
+checks a type cannot express (ranges, choices, finiteness) with messages a user can act on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 
 class UserError(Exception):
@@ -208,113 +208,3 @@ class Config:
 
 
 TASKS = ("train", "eval", "bench")
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
-
-
-def validate(cfg: Config) -> Config:
-    """Check what the types cannot (choices, ranges); raise ConfigError naming the key."""
-    _choice("task", cfg.task, TASKS)
-    if cfg.task == "eval" and not cfg.checkpoint:
-        raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
-    if cfg.resume and cfg.task != "train":
-        raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
-    m = cfg.model
-    _choice("model.name", m.name, ("resnet18_cbam",))
-    _choice("model.stem", m.stem, ("cifar", "imagenet"))
-    _choice("model.cbam.placement", m.cbam.placement, ("stage", "block"))
-    _choice("model.cbam.init", m.cbam.init, ("identity", "seed"))
-    _positive("model.num_classes", m.num_classes)
-    _positive("model.cbam.reduction", m.cbam.reduction)
-    if m.cbam.kernel_size < 1 or m.cbam.kernel_size % 2 == 0:
-        raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
-    d = cfg.data
-    _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
-    for key in ("batch_size", "eval_batch_size", "image_size", "num_classes", "train_size", "test_size"):
-        _positive(f"data.{key}", getattr(d, key))
-    _positive("data.val_size", d.val_size, strict=False)
-    _choice("data.bad_images", d.bad_images, ("error", "skip"))
-    _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
-    _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
-    _positive("data.augment_chunk", d.augment_chunk)
-    _positive("data.num_workers", d.num_workers, strict=False)
-    if d.limit is not None:
-        _positive("data.limit", d.limit)
-    for key in ("mean", "std"):
-        v = getattr(d, key)
-        if v is not None and len(v) != 3:
-            raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
-    if d.std is not None and min(d.std) <= 0:
-        raise ConfigError(f"data.std values must be > 0, got {list(d.std)}")
-    if d.name == "cifar10" and d.image_size != 32:
-        raise ConfigError(f"data.image_size={d.image_size}: CIFAR-10 images are 32x32; use data.image_size=32")
-    if d.name in ("cifar10", "imagefolder") and not d.root:
-        raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
-    a = cfg.augment
-    _positive("augment.crop.padding", a.crop.padding, strict=False)
-    if not 0.0 <= a.flip.p <= 1.0:
-        raise ConfigError(f"augment.flip.p must be in [0, 1], got {a.flip.p}")
-    for key in ("brightness", "contrast", "saturation"):
-        _positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
-    if not 0.0 <= a.color_jitter.hue <= 0.5:
-        raise ConfigError(f"augment.color_jitter.hue must be in [0, 0.5], got {a.color_jitter.hue}")
-    _positive("augment.rotation.degrees", a.rotation.degrees, strict=False)
-    if not cfg.schedule.stages:
-        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml)")
-    for name, st in cfg.schedule.stages.items():
-        if st.epochs < 1:
-            raise ConfigError(f"schedule.stages.{name}.epochs must be >= 1, got {st.epochs}")
-        _positive(f"schedule.stages.{name}.lr", st.lr)
-        if not st.trainable:
-            raise ConfigError(f"schedule.stages.{name}.trainable is empty: list modules to train, or [all]")
-        _choice(f"schedule.stages.{name}.sched.name", st.sched.name, ("constant", "cosine"))
-        _positive(f"schedule.stages.{name}.sched.warmup_epochs", st.sched.warmup_epochs, strict=False)
-        if st.sched.warmup_epochs > st.epochs:
-            raise ConfigError(f"schedule.stages.{name}.sched.warmup_epochs={st.sched.warmup_epochs} is longer than "
-                              f"the stage ({st.epochs} epochs)")
-        if not 0.0 <= st.sched.min_lr_ratio <= 1.0:
-            raise ConfigError(f"schedule.stages.{name}.sched.min_lr_ratio must be in [0, 1], got "
-                              f"{st.sched.min_lr_ratio}")
-    o = cfg.optim
-    _choice("optim.name", o.name, ("adam", "sgd"))
-    _positive("optim.weight_decay", o.weight_decay, strict=False)
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas needs 2 values in [0, 1), got {list(o.betas)}")
-    _positive("optim.eps", o.eps)
-    _positive("optim.momentum", o.momentum, strict=False)
-    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
-        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
-    dev = cfg.device.name
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ConfigError(f"device.name: unknown value {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
-    _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
-    _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
-    _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
-    _choice("train.nan_policy", cfg.train.nan_policy, ("stop", "skip_batch"))
-    _positive("train.checkpoint_every_n_epochs", cfg.train.checkpoint_every_n_epochs, strict=False)
-    _positive("train.checkpoint_every_n_steps", cfg.train.checkpoint_every_n_steps, strict=False)
-    _choice("eval.split", cfg.eval.split, ("test", "val"))
-    if not 0.0 <= cfg.train.label_smoothing < 1.0:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
-    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {cfg.train.ema_decay}")
-    _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
-    _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
-    _positive("bench.seconds", cfg.bench.seconds)
-    _positive("bench.max_steps", cfg.bench.max_steps)
-    _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
-    _positive("log.every_n_steps", cfg.log.every_n_steps)
-    if cfg.log.curves_every_s is not None:
-        _positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
-    if cfg.lr is not None:
-        _positive("lr", cfg.lr)
-    _positive("seed", cfg.seed, strict=False)
-    return cfg

@@ -246,6 +246,9 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
         if not root.is_dir():
             raise DataError(f"data.root={cfg.root}: folder not found")
         paths, labels, classes, ignored = scan_image_folder(root / "train")
+        if len(classes) < 2:
+            raise DataError(f"data=imagefolder: {root / 'train'} has one class folder ({classes[0]}); a classifier "
+                            f"needs at least 2 classes")
         train_load = ImageFiles(paths, cfg.image_size, cfg.bad_images)
         if (root / "test").is_dir():
             tpaths, tlabels, tclasses, tignored = scan_image_folder(root / "test")
@@ -260,6 +263,9 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
     if len(classes) != num_classes:
         raise DataError(f"data has {len(classes)} classes ({', '.join(classes[:12])}) but model.num_classes="
                         f"{num_classes}; set model.num_classes={len(classes)}")
+    if cfg.limit is not None and cfg.limit < len(classes):
+        raise DataError(f"data.limit={cfg.limit} is fewer than the {len(classes)} classes: every class needs a "
+                        f"training image; use data.limit>={len(classes)} or null")
     train_idx, val_idx = stratified_split(labels, cfg.val_size, seed)
     train_idx = stratified_subset(train_idx, labels, cfg.limit, seed)
     if cfg.mean is not None and cfg.std is not None:

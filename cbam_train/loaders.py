@@ -14,6 +14,7 @@ from cbam_train.augment import build_eval_transform, build_train_transform
 from cbam_train.augment_batched import BatchAugment, normalize
 from cbam_train.config import AugmentConfig, DataConfig
 from cbam_train.data import DataSplits, ImageDataset, make_loader, shard_order
+from cbam_train.imagefolder import DataError
 
 
 class MemoryLoader:
@@ -123,6 +124,11 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
     """Train / val / test loaders of the configured kind, seeded; the train one augments (and drops a
     partial last batch with drop_partial). With shard=(rank, world) the train loader yields this rank's
     part of each global batch; every rank evaluates the whole val and test splits."""
+    world = shard[1]
+    if cfg.batch_size * world > len(splits.train):
+        per = f" ({world} processes x {cfg.batch_size})" if world > 1 else ""
+        raise DataError(f"data.batch_size={cfg.batch_size}{per} is larger than the {len(splits.train)} training "
+                        f"images (after the validation split); lower data.batch_size")
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
     mean, std = splits.mean, splits.std
     val = build_eval_loader(splits.val, cfg, kind, device, mean, std, workers)

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cbam_train.cli import find_conf_dir, register_configs
-from cbam_train.config import Config, validate
+from cbam_train.config import Config
+from cbam_train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

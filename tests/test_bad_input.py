@@ -165,6 +165,22 @@ def non_image_files(tmp, trained):
                 watch=(tmp / "imgs",))
 
 
+def single_class_folder(tmp, trained):
+    (tmp / "imgs" / "train" / "ant").mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(np.full((8, 8, 3), 30 * k, dtype=np.uint8)).save(tmp / "imgs" / "train" / "ant" / f"{k}.png")
+    return Case(folder_args(tmp / "imgs", {"model.num_classes": 2}),
+                (str(tmp / "imgs" / "train"), "one class folder (ant)", "at least 2 classes"), watch=(tmp / "imgs",))
+
+
+def unquoted_path_with_a_space(tmp, trained):
+    write_images(tmp / "my data" / "train")
+    # the shell splits `data.root=/x/my data` into two arguments: Hydra sees the override 'data'
+    return Case(folder_args(tmp / "unused", {"data.root": None}, f"data.root={tmp / 'my'}", "data"),
+                ("Error parsing override 'data'", f"""'data.root="{tmp / 'my'} data"'"""),
+                watch=(tmp / "my data",))
+
+
 def class_count_mismatch(tmp, trained):
     write_images(tmp / "imgs" / "train")
     return Case(folder_args(tmp / "imgs", {"model.num_classes": 10}), ("3 classes", "model.num_classes=3"),
@@ -299,6 +315,8 @@ CASES = [
     pytest.param(truncated_image, id="imagefolder_truncated_image"),
     pytest.param(non_image_files, id="imagefolder_non_image_file_warns"),
     pytest.param(class_count_mismatch, id="imagefolder_num_classes_mismatch"),
+    pytest.param(single_class_folder, id="imagefolder_single_class"),
+    pytest.param(unquoted_path_with_a_space, id="unquoted_path_with_a_space"),
     pytest.param(cifar_batch_missing, id="cifar10_batch_missing"),
     pytest.param(cifar_batch_corrupt, id="cifar10_batch_corrupt"),
     pytest.param(checkpoint_missing, id="checkpoint_missing"),
@@ -346,3 +364,54 @@ def test_bad_input_is_one_line_and_touches_nothing(make, tmp_path, request):
         assert after == before
     if case.marker is not None:
         assert not case.marker.exists(), "unpickling the checkpoint ran code"
+
+
+# ---------------------------------------------------------------- values refused at start-up, in-process
+# cli.main() itself, without a subprocess (~0.1 s a case instead of ~3 s): the same entry point, exit code
+# and stderr. Every value here once passed validation or crashed later.
+
+START_UP = [
+    ("lr=nan", "lr must be a finite number, got nan"),
+    ("lr=inf", "lr must be a finite number, got inf"),
+    ("schedule.stages.head.lr=-inf", "schedule.stages.head.lr must be a finite number, got -inf"),
+    ("optim.betas=[0.9,nan]", "optim.betas[1] must be a finite number"),
+    ("data.mean=[0.5,nan,0.5]", "data.mean[1] must be a finite number"),
+    ("augment.flip.p=nan", "augment.flip.p must be a finite number"),
+    ("augment.rotation.degrees=inf", "augment.rotation.degrees must be a finite number"),
+    ("train.ema_decay=nan", "train.ema_decay must be a finite number"),
+    ("log.curves_every_s=inf", "log.curves_every_s must be a finite number"),
+    ("bench.seconds=nan", "bench.seconds must be a finite number"),
+    ("schedule.stages.head.sched.warmup_epochs=nan", "schedule.stages.head.sched.warmup_epochs must be a finite"),
+    ("model.num_classes=1", "model.num_classes must be >= 2"),
+    ("data.num_classes=1", "data.num_classes must be >= 2"),
+    ("data.image_size=4", "data.image_size must be >= 8 with model.stem=cifar"),
+    ("model.stem=imagenet", "data.image_size must be >= 32 with model.stem=imagenet"),
+    ("data.mean=[0.5,0.5,3]", "data.mean values must be in [0, 1]"),
+    ("data.std=[0.2,0.2,0]", "data.std values must be in (0, 1]"),
+    ("augment=flipcrop augment.crop.padding=8", "augment.crop.padding must be < data.image_size (8)"),
+    ("augment.rotation.degrees=400", "augment.rotation.degrees must be in [0, 180]"),
+    ("optim=sgd optim.momentum=1.0", "optim.momentum must be in [0, 1)"),
+    ("seed=4294967296", "seed must be >= 0 and <= 4294967295"),
+]
+AFTER_CLAIM = [  # refused once the data is read: the run dir has its config record, no results
+    ("data.batch_size=100", "data.batch_size=100 is larger than the 48 training images"),
+    ("data.limit=5", "data.limit=5 is fewer than the 10 classes"),
+]
+
+
+@pytest.mark.parametrize("overrides, phrase", START_UP + AFTER_CLAIM, ids=[o for o, _ in START_UP + AFTER_CLAIM])
+def test_bad_value_is_one_line_at_start_up(overrides, phrase, tmp_path, monkeypatch, capsys):
+    from cbam_train import cli
+
+    run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["cbam-train", *argv(None, *overrides.split()), f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0], err
+    assert "Traceback" not in err
+    written = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    assert written == ([] if (overrides, phrase) in START_UP else [".hydra", "train.log"])  # no results

@@ -62,3 +62,76 @@ def test_every_shipped_yaml_is_tracked_by_git():
                                  check=True).stdout.split())
     on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert on_disk <= tracked, f"untracked configs: {sorted(on_disk - tracked)}"
+
+
+# every float the schema holds, with the optional ones set so that they are floats too
+ALL_FLOATS_SET = ["lr=1e-3", "train.ema_decay=0.9", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
+
+
+def _nan_override(key: str, cfg) -> str:
+    """key=nan, or for a list item (optim.betas[1]) the whole list with that item nan."""
+    from omegaconf import OmegaConf
+
+    if not key.endswith("]"):
+        return f"{key}=nan"
+    name, index = key[:-1].split("[")
+    values = list(OmegaConf.select(OmegaConf.structured(cfg), name))
+    values[int(index)] = "nan"
+    return f"{name}=[{','.join(map(str, values))}]"
+
+
+def test_every_float_key_refuses_nan_and_inf():
+    """Walks the composed config: a float key added later is covered without a new case."""
+    from cbam_train.validation import _floats
+
+    cfg = compose_config(ALL_FLOATS_SET)
+    keys = [k for k, _ in _floats(cfg)]
+    assert {"lr", "optim.betas[1]", "data.std[2]", "schedule.stages.full.lr", "train.ema_decay",
+            "augment.color_jitter.hue", "bench.seconds"} <= set(keys)
+    for i, key in enumerate(keys):  # one composition per key; nan, inf and -inf take turns (one isfinite check)
+        override = _nan_override(key, cfg).replace("nan", ("nan", "inf", "-inf")[i % 3])
+        with pytest.raises(ConfigError, match="must be a finite number") as e:
+            compose_config(ALL_FLOATS_SET + [override])
+        assert str(e.value).startswith(f"{key} must be a finite number"), (override, str(e.value))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_classes=1", "model.num_classes must be >= 2 (a classifier needs at least 2 classes)"),
+    ("data=synthetic data.num_classes=1", "data.num_classes must be >= 2"),
+    ("data=synthetic data.image_size=7", "data.image_size must be >= 8 with model.stem=cifar"),
+    ("data=synthetic data.image_size=16 model.stem=imagenet", "data.image_size must be >= 32 with model.stem"),
+    ("data.mean=[0.5,0.5,1.5]", "data.mean values must be in [0, 1]"),
+    ("data.std=[0.2,0.2,-0.1]", "data.std values must be in (0, 1]"),
+    ("data.std=[0.2,0.2,2]", "data.std values must be in (0, 1]"),
+    ("data.mean=[0.5,0.5,0.5,0.5]", "data.mean needs 3 values"),
+    ("augment.crop.padding=32", "augment.crop.padding must be < data.image_size (32)"),
+    ("augment.rotation.degrees=181", "augment.rotation.degrees must be in [0, 180]"),
+    ("augment.color_jitter.brightness=-0.1", "augment.color_jitter.brightness must be >= 0"),
+    ("optim.momentum=1", "optim.momentum must be in [0, 1)"),
+    ("optim.momentum=-0.5", "optim.momentum must be in [0, 1)"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
+    ("seed=4294967296", "seed must be >= 0 and <= 4294967295"),
+    ("train.label_smoothing=1", "train.label_smoothing must be in [0, 1)"),
+    ("train.ema_decay=1", "train.ema_decay must be in (0, 1)"),
+    ("schedule.stages.head.sched.min_lr_ratio=1.5", "schedule.stages.head.sched.min_lr_ratio must be in [0, 1]"),
+    ("log.every_n_steps=0", "log.every_n_steps must be > 0"),
+    ("log.curves_every_s=-1", "log.curves_every_s must be >= 0"),
+    ("bench.max_steps=0", "bench.max_steps must be > 0"),
+    ("data.eval_batch_size=0", "data.eval_batch_size must be > 0"),
+    ("data.augment_chunk=0", "data.augment_chunk must be > 0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.val_size=-1", "data.val_size must be >= 0"),
+    ("data.limit=0", "data.limit must be > 0"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        compose_config(override.split())
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    compose_config(["augment.rotation.degrees=180", "augment.crop.padding=31", "optim.momentum=0", "seed=0",
+                    f"seed={2**32 - 1}", "data.std=[1,1,1]", "data.mean=[0,0,1]", "augment.flip.p=1",
+                    "train.label_smoothing=0"])
+    compose_config(["data=synthetic", "data.image_size=8", "model.num_classes=2", "data.num_classes=2"])
+    compose_config(["data=synthetic", "data.image_size=32", "model.stem=imagenet"])

@@ -1,0 +1,199 @@
+"""validate(): every check the schema's types cannot express, run once at start-up before anything is read
+or written. Each refusal is one ConfigError naming the key, what it got and what is allowed.
+
+Checks that need the data (val_size against the images on disk, batch size against the training split, the
+class count of an image folder) run where the data is first read (data.build_splits, loaders.build_loaders),
+still before the first step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, is_dataclass
+from typing import Any, Iterator
+
+from cbam_train.config import TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
+MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: layer4 sees 1x1 at this size
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, open_high: bool = False) -> None:
+    if not (low <= value < high if open_high else low <= value <= high):
+        raise ConfigError(f"{key} must be in [{low:g}, {high:g}{')' if open_high else ']'}, got {value}")
+
+
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple]:
+    """(key, value) for every float in the config (dataclass fields, dict entries, list items), recursively."""
+    if is_dataclass(node):
+        items = [(f.name, getattr(node, f.name)) for f in fields(node)]
+    elif isinstance(node, dict):
+        items = list(node.items())
+    else:
+        items = [(f"[{i}]", v) for i, v in enumerate(node)]
+    for name, value in items:
+        key = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
+        if isinstance(value, float):
+            yield key, value
+        elif is_dataclass(value) or isinstance(value, (dict, list, tuple)):
+            yield from _floats(value, key)
+
+
+def check_finite(cfg: Config) -> None:
+    """NaN and +-inf are refused for every float key: each one means a finite number. Without this a NaN
+    passes every range check (`nan <= 0` is false) and crashes deep inside torch."""
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check what the types cannot (choices, ranges, lengths, finiteness); raise ConfigError naming the key."""
+    check_finite(cfg)
+    _check_task(cfg)
+    _check_model(cfg.model)
+    _check_data(cfg.data, cfg.model)
+    _check_augment(cfg.augment, cfg.data.image_size)
+    _check_schedule(cfg)
+    _check_optim(cfg)
+    _check_device(cfg)
+    _check_run(cfg)
+    return cfg
+
+
+def _check_task(cfg: Config) -> None:
+    _choice("task", cfg.task, TASKS)
+    if cfg.task == "eval" and not cfg.checkpoint:
+        raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.resume and cfg.task != "train":
+        raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
+    if cfg.lr is not None:
+        _positive("lr", cfg.lr)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be >= 0 and <= {MAX_SEED}, got {cfg.seed}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _choice("model.name", m.name, ("resnet18_cbam",))
+    _choice("model.stem", m.stem, ("cifar", "imagenet"))
+    _choice("model.cbam.placement", m.cbam.placement, ("stage", "block"))
+    _choice("model.cbam.init", m.cbam.init, ("identity", "seed"))
+    if m.num_classes < 2:
+        raise ConfigError(f"model.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
+                          f"{m.num_classes}")
+    _positive("model.cbam.reduction", m.cbam.reduction)
+    if m.cbam.kernel_size < 1 or m.cbam.kernel_size % 2 == 0:
+        raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
+
+
+def _check_data(d: DataConfig, m: ModelConfig) -> None:
+    _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
+    for key in ("batch_size", "eval_batch_size", "image_size", "train_size", "test_size"):
+        _positive(f"data.{key}", getattr(d, key))
+    if d.name == "synthetic" and d.num_classes < 2:
+        raise ConfigError(f"data.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
+                          f"{d.num_classes}")
+    least = MIN_IMAGE_SIZE[m.stem]
+    if d.image_size < least:
+        raise ConfigError(f"data.image_size must be >= {least} with model.stem={m.stem} (its stride; layer4 "
+                          f"would see less than one pixel), got {d.image_size}")
+    _positive("data.val_size", d.val_size, strict=False)
+    _choice("data.bad_images", d.bad_images, ("error", "skip"))
+    _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
+    _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
+    _positive("data.augment_chunk", d.augment_chunk)
+    _positive("data.num_workers", d.num_workers, strict=False)
+    if d.limit is not None:
+        _positive("data.limit", d.limit)
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        if v is not None and len(v) != 3:
+            raise ConfigError(f"data.{key} needs 3 values (R, G, B), got {list(v)}")
+    if d.mean is not None and not all(0.0 <= x <= 1.0 for x in d.mean):
+        raise ConfigError(f"data.mean values must be in [0, 1] (pixels are scaled to [0, 1]), got {list(d.mean)}")
+    if d.std is not None and not all(0.0 < x <= 1.0 for x in d.std):
+        raise ConfigError(f"data.std values must be in (0, 1] (pixels are scaled to [0, 1]), got {list(d.std)}")
+    if d.name == "cifar10" and d.image_size != 32:
+        raise ConfigError(f"data.image_size={d.image_size}: CIFAR-10 images are 32x32; use data.image_size=32")
+    if d.name in ("cifar10", "imagefolder") and not d.root:
+        raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
+
+
+def _check_augment(a: AugmentConfig, image_size: int) -> None:
+    _positive("augment.crop.padding", a.crop.padding, strict=False)
+    if a.crop.enabled and a.crop.padding >= image_size:
+        raise ConfigError(f"augment.crop.padding must be < data.image_size ({image_size}): a larger pad gives "
+                          f"crops of padding only, got {a.crop.padding}")
+    _in_range("augment.flip.p", a.flip.p, 0.0, 1.0)
+    for key in ("brightness", "contrast", "saturation"):
+        _positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
+    _in_range("augment.color_jitter.hue", a.color_jitter.hue, 0.0, 0.5)
+    _in_range("augment.rotation.degrees", a.rotation.degrees, 0.0, 180.0)
+
+
+def _check_schedule(cfg: Config) -> None:
+    if not cfg.schedule.stages:
+        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml)")
+    for name, stage in cfg.schedule.stages.items():
+        key = f"schedule.stages.{name}"
+        if stage.epochs < 1:
+            raise ConfigError(f"{key}.epochs must be >= 1, got {stage.epochs}")
+        _positive(f"{key}.lr", stage.lr)
+        if not stage.trainable:
+            raise ConfigError(f"{key}.trainable is empty: list modules to train, or [all]")
+        _choice(f"{key}.sched.name", stage.sched.name, ("constant", "cosine"))
+        _positive(f"{key}.sched.warmup_epochs", stage.sched.warmup_epochs, strict=False)
+        if stage.sched.warmup_epochs > stage.epochs:
+            raise ConfigError(f"{key}.sched.warmup_epochs={stage.sched.warmup_epochs} is longer than the stage "
+                              f"({stage.epochs} epochs)")
+        _in_range(f"{key}.sched.min_lr_ratio", stage.sched.min_lr_ratio, 0.0, 1.0)
+
+
+def _check_optim(cfg: Config) -> None:
+    o = cfg.optim
+    _choice("optim.name", o.name, ("adam", "sgd"))
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas needs 2 values in [0, 1), got {list(o.betas)}")
+    _positive("optim.eps", o.eps)
+    _in_range("optim.momentum", o.momentum, 0.0, 1.0, open_high=True)
+    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+
+
+def _check_device(cfg: Config) -> None:
+    dev = cfg.device.name
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device.name: unknown value {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+    _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+    _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
+
+
+def _check_run(cfg: Config) -> None:
+    """train.*, eval.*, logging and the benchmark."""
+    t = cfg.train
+    _choice("train.nan_policy", t.nan_policy, ("stop", "skip_batch"))
+    _positive("train.checkpoint_every_n_epochs", t.checkpoint_every_n_epochs, strict=False)
+    _positive("train.checkpoint_every_n_steps", t.checkpoint_every_n_steps, strict=False)
+    _in_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, open_high=True)
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {t.ema_decay}")
+    _choice("eval.split", cfg.eval.split, ("test", "val"))
+    _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
+    _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
+    _positive("log.every_n_steps", cfg.log.every_n_steps)
+    if cfg.log.curves_every_s is not None:
+        _positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
+    _positive("bench.seconds", cfg.bench.seconds)
+    _positive("bench.max_steps", cfg.bench.max_steps)
+    _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
