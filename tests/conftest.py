@@ -50,10 +50,36 @@ def make_cfg():
     return compose_config
 
 
-def run_cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+# Inherited from the machine, these would change what a child process does: HYDRA_FULL_ERROR makes Hydra print
+# tracebacks instead of the one-line errors the tests expect; torchrun's and submitit's variables (exported by
+# some CI pods) would make a plain run join a process group.
+SCRUBBED_ENV = ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
+SCRUBBED_PREFIXES = ("TORCHELASTIC_", "SUBMITIT_")
+
+
+def child_threads() -> str:
+    """OpenMP threads for a child: the cores this process may use (a cgroup-limited container can see 64 and
+    be allowed 2), at most 4; an OMP_NUM_THREADS already set wins."""
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, min(4, len(os.sched_getaffinity(0)))))
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment for a child process of the tests: the machine's, less what would change the run."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV and not k.startswith(SCRUBBED_PREFIXES)}
+    return {**env, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": child_threads(), **(extra or {})}
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_process_group(monkeypatch):
+    """In-process runs read WORLD_SIZE/RANK too (distributed.from_env): a test never inherits a process group."""
+    for key in SCRUBBED_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def run_cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m cbam_train ARGS` in a subprocess (the real CLI), capturing output as text."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=child_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -4,7 +4,6 @@ the global batch size, rank-0-only outputs, exact resume of a 2-process run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from cbam_train.data import SeededOrder, shard_order
 from cbam_train.distributed import Dist, sync_batchnorm
+from conftest import child_env
 
 BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
         "augment=none", "log.mode=plain", "log.every_n_steps=4"]
@@ -23,16 +23,16 @@ FLOAT64_CLI = str(Path(__file__).with_name("float64_cli.py"))
 
 
 def torchrun(args: list, cwd: Path, nproc: int = 2, float64: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
+    env = child_env({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})  # gloo on loopback, whatever the hostname
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *([FLOAT64_CLI] if float64 else ["-m", "cbam_train"]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def single(args: list, cwd: Path, float64: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "OMP_NUM_THREADS": "1"}
+    env = child_env({"OMP_NUM_THREADS": "1"})
     cmd = [sys.executable, *([FLOAT64_CLI] if float64 else ["-m", "cbam_train"]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def rows(run: Path) -> list:

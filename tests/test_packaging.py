@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 
 @pytest.mark.slow
@@ -26,7 +25,7 @@ def test_wheel_ships_and_finds_the_configs(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = child_env({"PYTHONPATH": str(site)})
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = subprocess.run([sys.executable, "-c", "import cbam_train.cli as c; print(c.__file__, c.find_conf_dir())"],

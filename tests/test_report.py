@@ -130,6 +130,7 @@ def test_curves_draw_for_any_number_of_rows(tmp_path, n_rows):
 
 
 def test_tensorboard_logger_writes_scalars(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rep = Reporter(tmp_path, "quiet", tensorboard=True)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from conftest import child_env
 
 # 12 batches per epoch, 2 epochs per stage: kills can land inside a stage, at its boundary and mid-epoch
 BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
@@ -22,25 +26,37 @@ BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.va
 TIME_FIELDS = ("epoch_time_s", "train_images_per_s")
 
 
+DEADLINE_S = 600  # one run_until; a smoke-sized run takes ~20 s on a 2-core VM
+
+
 def start(args: list, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
-    return subprocess.Popen([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def run_until(args: list, cwd: Path, line_part: str | None = None, sig: int = signal.SIGKILL) -> tuple:
-    """Run the CLI; send `sig` as soon as an output line contains line_part. (returncode, output)."""
+def run_until(args: list, cwd: Path, line_part: str | None = None, sig: int = signal.SIGKILL,
+              wait_for: Path | None = None) -> tuple:
+    """Run the CLI; send `sig` as soon as an output line contains line_part (and, with wait_for, that file
+    exists: checkpoints are written on a background thread, so the line can come before the file).
+    A run still going after DEADLINE_S is killed, so a stuck child cannot hang the suite. (returncode, output)"""
     p = start(args, cwd)
+    watchdog = threading.Timer(DEADLINE_S, p.kill)
+    watchdog.start()
     out = []
-    for line in p.stdout:
-        out.append(line)
-        if line_part is not None and line_part in line:
-            p.send_signal(sig)
-            if sig == signal.SIGKILL:
-                break
-            line_part = None  # the run goes on to its safe point; read the rest
-    out.append(p.stdout.read())
-    p.wait(timeout=300)
+    try:
+        for line in p.stdout:
+            out.append(line)
+            if line_part is not None and line_part in line:
+                while wait_for is not None and not wait_for.exists() and p.poll() is None:
+                    time.sleep(0.005)
+                p.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    break
+                line_part = None  # the run goes on to its safe point; read the rest
+        out.append(p.stdout.read())
+        p.wait(timeout=DEADLINE_S)
+    finally:
+        watchdog.cancel()
     return p.returncode, "".join(out)
 
 
@@ -97,12 +113,16 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
     assert not (run / "checkpoints" / "last.pt").exists()
     resumed = []
     for kill_at in ("epoch 1 (head) step 4/", "stage 2/3", "epoch 4 (high) step 8/", "epoch   5 [full]", None):
-        rc, out = run_until([f"resume={run}"], tmp_path, kill_at)
+        # the first of these kills waits for the step-3 checkpoint to be on disk (its write runs beside step 4)
+        first_ckpt = run / "checkpoints" / "last.pt" if kill_at == "epoch 1 (head) step 4/" else None
+        rc, out = run_until([f"resume={run}"], tmp_path, kill_at, wait_for=first_ckpt)
         assert rc == (0 if kill_at is None else -signal.SIGKILL), out
         resumed.append(next(line for line in out.splitlines() if line.startswith("resuming from")
                             or "no checkpoint yet" in line))
     assert "no checkpoint yet: starting the run again" in resumed[0]
-    assert "step 3 of epoch 1" in resumed[1]  # continued mid-epoch, inside the first stage
+    # continued mid-epoch inside the first stage: from step 3, or step 6 if its write also landed before the kill
+    # (one write is in flight at a time, so the loop cannot get past step 6 before step 3's file exists)
+    assert re.search(r"step [36] of epoch 1\b", resumed[1]), resumed[1]
     assert_same_run(reference, run)
     assert (run / "summary.json").is_file()
 
@@ -309,6 +329,7 @@ def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path):
 def test_second_signal_aborts_at_once():
     from cbam_train.interrupt import Interrupted, StopRequest
 
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when the suite runs in the background
     notes = []
     with StopRequest(notes.append) as stop:
         stop.arm()
@@ -317,7 +338,7 @@ def test_second_signal_aborts_at_once():
         with pytest.raises(Interrupted) as e:
             os.kill(os.getpid(), signal.SIGINT)
         assert e.value.exit_code == 130 and "aborted at once" in str(e.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_config_changes_sort_refused_harmless_and_other_keys():
