@@ -4,9 +4,12 @@ hands it to the task. User errors become one red line and exit code 2; traceback
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +23,7 @@ from cbam_train.config import Config, UserError
 from cbam_train.validation import validate
 from cbam_train.console import fail, print_error
 from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
+from cbam_train.launchers import is_main_process, submitit_ranks
 from cbam_train.sweep import write_status
 
 
@@ -103,7 +107,20 @@ def quoting_hint(text: str, args: list) -> str:
             f"e.g. {example}")
 
 
-_real_stderr = sys.stderr
+class CapturedStderr(io.StringIO):
+    """stderr while Hydra composes: its composition errors land here and main() condenses them to one line.
+    `real` is the stream to hand back. The task function finds it on sys.stderr itself (no module state), so
+    launchers that pickle the task function (submitit, joblib) have nothing to carry."""
+
+    def __init__(self, real) -> None:
+        super().__init__()
+        self.real = real
+
+
+def release_stderr() -> None:
+    """Composition succeeded: from here on stderr is the job's own (a no-op in a launcher's worker process)."""
+    if isinstance(sys.stderr, CapturedStderr):
+        sys.stderr = sys.stderr.real
 
 
 def _os_error_line(text: str) -> str | None:
@@ -116,8 +133,9 @@ def _os_error_line(text: str) -> str | None:
             "(or hydra.sweep.dir=PATH for -m)")
 
 
-def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> None:
-    """Validate the composed config and run its task; errors propagate (see outcome())."""
+def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
+    """Validate the composed config and run its task; return the value of `optimized_metric` (None when the
+    task did not measure it). Errors propagate (see outcome())."""
     try:
         cfg: Config = validate(OmegaConf.to_object(dcfg))
     except MissingMandatoryValue as e:
@@ -128,15 +146,17 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> None:
     if cfg.task == "train":
         from cbam_train.train import run
 
-        run(cfg, run_dir, record, overrides)
+        result = run(cfg, run_dir, record, overrides)
     elif cfg.task == "eval":
         from cbam_train.evaluation import run_eval
 
-        run_eval(cfg, run_dir, record)
-    elif cfg.task == "bench":
+        result = run_eval(cfg, run_dir, record)
+    else:
         from cbam_train.bench import run_bench
 
-        run_bench(cfg, run_dir, record)
+        result = run_bench(cfg, run_dir, record)
+    value = (result or {}).get(cfg.optimized_metric) if isinstance(result, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def outcome(e: BaseException) -> tuple | None:
@@ -150,14 +170,20 @@ def outcome(e: BaseException) -> tuple | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=str(find_conf_dir()), config_name="config")
-def _hydra_main(dcfg: DictConfig) -> None:
-    sys.stderr = _real_stderr  # composition succeeded: from here on, stderr is the job's own
+def run_task(dcfg: DictConfig) -> Optional[float]:
+    """Hydra's task function: one run, or one job of a sweep. Returns the `optimized_metric` value for
+    sweepers (Optuna); a failed sweep job returns None, which a sweeper records as a failed trial.
+
+    Module-level and undecorated: launchers that pickle the task function (submitit, joblib) then pickle a
+    reference to cbam_train.cli.run_task, not its code and globals."""
+    release_stderr()
+    os.environ.update(submitit_ranks())  # a multi-task submitit job runs data-parallel, as under torchrun
+    started = time.time()
     hc = HydraConfig.get()
     run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        _job(dcfg, run_dir, overrides)
+        value = _job(dcfg, run_dir, overrides)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
@@ -169,29 +195,34 @@ def _hydra_main(dcfg: DictConfig) -> None:
         # a sweep job: record how it ended; the sweep goes on unless told otherwise (or the user stopped it)
         label, msg, code = out or ("error", f"{type(e).__name__}: {e} (a bug: please report it)", 1)
         stopped = code in (130, 143)
-        write_status(run_dir, hc.job.num, overrides, "interrupted" if stopped else "failed", msg, code)
+        if is_main_process():
+            write_status(run_dir, hc.job.num, overrides, "interrupted" if stopped else "failed", msg, code,
+                         started=started)
         if out is None:
             raise
         print_error(msg, label)
         if stopped or OmegaConf.select(dcfg, "sweep.fail_fast", default=False):
             sys.exit(code)
-        return
-    if sweep:
-        write_status(run_dir, hc.job.num, overrides, "completed")
+        return None
+    if sweep and is_main_process():
+        write_status(run_dir, hc.job.num, overrides, "completed", metric=OmegaConf.select(dcfg, "optimized_metric"),
+                     value=value, started=started)
+    return value
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(find_conf_dir()), config_name="config")(run_task)
 
 
 def main() -> None:
     """Console entry point. Hydra's own composition errors are captured and shown as one line."""
-    global _real_stderr
     register_configs()
     sys.argv = sys.argv[:1] + with_recorded_overrides(sys.argv[1:])
-    _real_stderr = sys.stderr
-    captured = io.StringIO()
+    captured = CapturedStderr(sys.stderr)
     sys.stderr = captured
     try:
         _hydra_main()
     except SystemExit as e:
-        sys.stderr = _real_stderr
+        sys.stderr = captured.real
         text = captured.getvalue()
         if e.code not in (0, None):
             cannot = _os_error_line(text)
@@ -202,10 +233,10 @@ def main() -> None:
         sys.stderr.write(text)
         raise
     except BaseException:
-        sys.stderr = _real_stderr
+        sys.stderr = captured.real
         sys.stderr.write(captured.getvalue())
         raise
-    sys.stderr = _real_stderr
+    sys.stderr = captured.real
     sys.stderr.write(captured.getvalue())
 
 

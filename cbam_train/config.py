@@ -204,7 +204,10 @@ class Config:
     checkpoint: Optional[str] = None  # task=eval: a model.pt or checkpoint file
     seed: int = 0
     task: str = "train"  # train | eval | bench
+    optimized_metric: str = "best_val_acc"  # task=train: the summary.json field returned to a sweeper (Optuna)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
 TASKS = ("train", "eval", "bench")
+# summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
+SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

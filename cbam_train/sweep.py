@@ -5,6 +5,9 @@ table sorted by best val accuracy. It reads only files, so it works for any laun
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,15 +21,20 @@ from cbam_train.plots import draw_sweep, safe_draw
 from cbam_train.report import csv_text, write_json_atomic, write_text_atomic
 
 COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "test_acc", "epochs", "wall_time_s",
-           "run_dir", "error")
+           "run_dir", "error", "metric", "value")
 
 
 def write_status(job_dir: Path, job: int, overrides: list, status: str, error: Optional[str] = None,
-                 exit_code: int = 0) -> None:
-    """<job dir>/status.json: how this sweep job ended (completed | failed | interrupted)."""
+                 exit_code: int = 0, metric: Optional[str] = None, value: Optional[float] = None,
+                 started: Optional[float] = None) -> None:
+    """<job dir>/status.json: how this sweep job ended (completed | failed | interrupted), the value it
+    returned to the sweeper (`metric`: the optimized_metric it names), and where and when it ran (host, pid,
+    started/ended in seconds since the epoch: which node of a cluster, which jobs overlapped)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(job_dir / "status.json", {"job": job, "overrides": list(overrides), "status": status,
-                                                "error": error, "exit_code": exit_code})
+                                                "error": error, "exit_code": exit_code, "metric": metric,
+                                                "value": value, "host": socket.gethostname(), "pid": os.getpid(),
+                                                "started": started, "ended": time.time()})
 
 
 def collect(sweep_dir: Path) -> list:
@@ -39,7 +47,8 @@ def collect(sweep_dir: Path) -> list:
         rows.append({"job": st["job"], "overrides": st["overrides"], "status": st["status"],
                      "best_val_acc": s.get("best_val_acc"), "final_val_acc": s.get("final_val_acc"),
                      "test_acc": s.get("test_acc"), "epochs": s.get("epochs_run"),
-                     "wall_time_s": s.get("wall_time_s"), "run_dir": str(status_file.parent), "error": st["error"]})
+                     "wall_time_s": s.get("wall_time_s"), "run_dir": str(status_file.parent), "error": st["error"],
+                     "metric": st.get("metric"), "value": st.get("value")})
     return sorted(rows, key=lambda r: r["job"])
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
-from cbam_train.config import TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
+from cbam_train.config import SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
 
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: layer4 sees 1x1 at this size
@@ -76,6 +76,7 @@ def _check_task(cfg: Config) -> None:
         raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
     if cfg.resume and cfg.task != "train":
         raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
+    _choice("optimized_metric", cfg.optimized_metric, SUMMARY_METRICS)
     if cfg.lr is not None:
         _positive("lr", cfg.lr)
     if not 0 <= cfg.seed <= MAX_SEED:
