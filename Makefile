@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: train smoke test data clean-venv
+.PHONY: train smoke test test-fast data clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ train: $(BIN)/.installed  ## the full seed recipe on CIFAR-10 (downloads it and 
 smoke: $(BIN)/.installed  ## ~20 s CPU run on generated data, no downloads
 	$(BIN)/cbam-train experiment=smoke $(ARGS)
 
-test: $(BIN)/.installed  ## the whole test suite (CPU, no network)
+test: $(BIN)/.installed  ## the whole test suite (CPU, no network): what CI runs
 	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(BIN)/.installed  ## the unit tests only: no subprocess runs, signals, torchrun or sweeps (marker `slow`)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 data: data/cifar10-jpeg/train  ## unpack the real CIFAR-10 training images (JPEG copy) from ../shared
 

@@ -71,6 +71,23 @@ def child_env(extra: dict | None = None) -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _python_subprocesses_only_in_slow_tests(request, monkeypatch):
+    """`make test-fast` (-m "not slow") must stay fast: a Python child pays ~3 s for importing torch alone.
+    A test that starts one without the `slow` marker fails here, naming the fix."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **k):
+        argv = [args] if isinstance(args, (str, os.PathLike)) else list(args)
+        if argv and Path(str(argv[0])).name.startswith("python") or str(argv[0]) == sys.executable:
+            raise AssertionError(f"{request.node.nodeid} starts a Python subprocess: mark it @pytest.mark.slow")
+        real_init(self, args, *a, **k)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
+@pytest.fixture(autouse=True)
 def _no_inherited_process_group(monkeypatch):
     """In-process runs read WORLD_SIZE/RANK too (distributed.from_env): a test never inherits a process group."""
     for key in SCRUBBED_ENV:

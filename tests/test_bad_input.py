@@ -335,6 +335,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", CASES)
 def test_bad_input_is_one_line_and_touches_nothing(make, tmp_path, request):
     work = tmp_path / "work"

@@ -92,6 +92,7 @@ def test_stage_two_alone_from_stage_one_weights(smoke_run, cli, tmp_path):
     assert rows[0]["val_acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_lr_override_scales_every_stage(cli, tmp_path):
     proc = cli("experiment=smoke", "lr=2e-3", "stage=nope")  # fails after resolving: cheap
     assert "stage=nope" in one_error_line(proc)
@@ -110,12 +111,14 @@ def test_lr_override_scales_every_stage(cli, tmp_path):
     ("seed=-1", "seed"),
     ("init_from=/nonexistent/model.pt", "init_from: file not found"),
 ])
+@pytest.mark.slow
 def test_bad_override_is_one_line_exit_2(cli, override, expect):
     proc = cli("experiment=smoke", override)
     assert proc.returncode == 2
     assert expect in one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_offline_pretrained_weights_fail_with_the_options(cli, tmp_path):
     proc = cli("experiment=smoke", "model.pretrained=true", env={**OFFLINE, "TORCH_HOME": str(tmp_path / "th")})
     assert proc.returncode == 2
@@ -124,6 +127,7 @@ def test_offline_pretrained_weights_fail_with_the_options(cli, tmp_path):
     assert "model.weights=PATH" in line and "model.pretrained=false" in line
 
 
+@pytest.mark.slow
 def test_offline_cifar10_download_fails_with_the_options(cli, tmp_path):
     proc = cli("data.root=" + str(tmp_path / "cifar"), "model.pretrained=false", env=OFFLINE)
     assert proc.returncode == 2
@@ -132,6 +136,7 @@ def test_offline_cifar10_download_fails_with_the_options(cli, tmp_path):
         assert hint in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("existing", ["metrics.jsonl", ".hydra/overrides.yaml", "train.log"])
 def test_existing_run_dir_is_refused_and_left_alone(cli, tmp_path, existing):
     run = tmp_path / "run"

@@ -81,6 +81,7 @@ def reference(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_everything_a_resume_needs(reference):
     ck = reference / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["best.pt", "last.pt", "stage1-head.pt", "stage2-high.pt",
@@ -146,6 +147,7 @@ def test_signal_stops_at_a_safe_point_saves_and_resumes_exactly(reference, tmp_p
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_is_refused(reference, cli):
     before = (reference / "metrics.jsonl").read_bytes()
     proc = cli(f"resume={reference}", run_dir=reference)
@@ -169,6 +171,7 @@ def test_resume_from_an_earlier_checkpoint_branches_into_a_new_dir(reference, tm
 @pytest.mark.parametrize("override, key", [("model.cbam.reduction=8", "model.cbam.reduction: 16 -> 8"),
                                            ("data.train_size=96", "data.train_size: 224 -> 96"),
                                            ("seed=3", "seed: 0 -> 3")])
+@pytest.mark.slow
 def test_resume_that_changes_model_or_data_is_refused_naming_the_keys(reference, cli, tmp_path, override, key):
     proc = cli(f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", override)
     assert proc.returncode == 2, proc.stderr
@@ -177,6 +180,7 @@ def test_resume_that_changes_model_or_data_is_refused_naming_the_keys(reference,
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_an_earlier_checkpoint_into_its_own_dir_is_refused(reference, cli):
     before = (reference / "metrics.jsonl").read_bytes()
     proc = cli(f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", run_dir=reference)
