@@ -18,6 +18,7 @@ KEYS = {"augment_images_per_s", "loader_images_per_s", "train_images_per_s", "ba
         "train_end_to_end_images_per_s"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["memory", "torchvision"])
 def test_bench_writes_every_measure(tmp_path, capsys, loader):
     out = run_bench(compose_config(TINY + [f"data.loader={loader}", "data.num_workers=0"]), tmp_path / "b")

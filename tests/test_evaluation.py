@@ -13,6 +13,8 @@ from PIL import Image
 from cbam_train.data import make_synthetic
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here evaluates through the CLI, in a subprocess
+
 TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "data.val_size=16", "data.test_size=16",
         "data.batch_size=16", "log.mode=plain", "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1",
         "schedule.stages.full.epochs=1"]

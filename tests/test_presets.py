@@ -41,6 +41,7 @@ def test_fast_preset_composes_to_its_documented_choices():
     ("seed", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=1"]),
     ("fast", ["schedule.stages.all.epochs=2", "schedule.stages.all.sched.warmup_epochs=1", "lr=0.05"]),
 ])
+@pytest.mark.slow
 def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
     weights = tmp_path / "tv.pth"
     torch.save(tv_state, weights)  # experiment=seed asks for ImageNet weights: a local file stands in
@@ -51,6 +52,7 @@ def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
         assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_evaluated_and_saved(tmp_path):
     from cbam_train.data import build_splits
     from cbam_train.engine import evaluate

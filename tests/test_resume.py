@@ -194,6 +194,7 @@ TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val
         "data.batch_size=16", "log.mode=quiet"]
 
 
+@pytest.mark.slow
 def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_path):
     """Two epochs (persistent workers draw differently from the second on), and a 2-worker run resumed at
     the stage boundary (a fresh DataLoader iterator) equal to the uninterrupted 0-worker run."""
@@ -218,6 +219,7 @@ EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.
 
 @pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS)],
                          ids=["memory", "torchvision", "memory+sched+ema"])
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
     dir) reproduces the rest of the run exactly, for both kinds of loader, and with an in-stage lr schedule
@@ -246,6 +248,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip_batch"])
 def test_non_finite_loss(tmp_path, monkeypatch, policy):
     """A NaN loss at epoch 2 step 2: `stop` ends the run naming the step, with epoch 1's checkpoint kept;
@@ -283,6 +286,7 @@ def test_non_finite_loss(tmp_path, monkeypatch, policy):
         assert s["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """ENOSPC in the middle of writing epoch 2's checkpoint: one clear error (exit 1), epoch 1's last.pt intact
     and loadable, no temp file left."""
@@ -359,6 +363,7 @@ def test_config_changes_sort_refused_harmless_and_other_keys():
         check_resume_config(old, {**old, "data": {"limit": 100, "num_workers": 4}}, "x")
 
 
+@pytest.mark.slow
 def test_resuming_a_run_with_results_but_no_checkpoint_is_refused(tmp_path):
     """train.checkpoint_every_n_epochs=0 leaves no last.pt: starting over would overwrite the results."""
     from cbam_train.config import UserError

@@ -25,6 +25,7 @@ def without_times(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("epoch_time_s", "train_images_per_s")}
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_bit_for_bit(tmp_path):
     a = run(compose_config(TINY), tmp_path / "a")
     b = run(compose_config(TINY), tmp_path / "b")
@@ -37,6 +38,7 @@ def test_same_seed_same_results_bit_for_bit(tmp_path):
     assert not torch.equal(sa["fc.weight"], sc["fc.weight"])
 
 
+@pytest.mark.slow
 def test_frozen_modules_do_not_change_during_a_stage(tmp_path):
     """Stage 'high' alone, from a saved start: conv1..layer2 (and their BN statistics) stay bit-identical."""
     cfg = compose_config(TINY + ["stage=high"])
@@ -51,6 +53,7 @@ def test_frozen_modules_do_not_change_during_a_stage(tmp_path):
     assert cfg.schedule.stages["high"].trainable == ["fc", "cbam", "layer3", "layer4"]
 
 
+@pytest.mark.slow
 def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys):
     weights = tmp_path / "tv.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
@@ -66,6 +69,7 @@ def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys)
     assert "warning: stages keep newly initialised" in log
 
 
+@pytest.mark.slow
 def test_no_warning_when_the_first_stage_trains_the_new_modules(tmp_path, capsys):
     weights = tmp_path / "tv.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
@@ -74,6 +78,7 @@ def test_no_warning_when_the_first_stage_trains_the_new_modules(tmp_path, capsys
     assert "warning:" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_from_a_different_architecture_is_refused(tmp_path):
     run(compose_config(TINY + ["stage=head"]), tmp_path / "a")
     with pytest.raises(WeightsError, match="fc.weight"):
@@ -82,11 +87,13 @@ def test_init_from_a_different_architecture_is_refused(tmp_path):
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1 \(head\)"):
         run(compose_config(TINY + ["lr=1e30", "log.every_n_steps=1"]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_rich_and_quiet_modes_run(tmp_path, capsys):
     run(compose_config(TINY + ["log.mode=quiet", "stage=1"]), tmp_path / "q")
     out, err = capsys.readouterr()
@@ -96,6 +103,7 @@ def test_rich_and_quiet_modes_run(tmp_path, capsys):
     assert "best val acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, scaler", [("bf16", False), ("fp16", True), ("fp32", False)])
 def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
     from cbam_train.engine import resolve_amp
