@@ -14,7 +14,8 @@ import torch
 from rich.table import Table
 
 from cbam_train.config import Config
-from cbam_train.report import Reporter, write_json_atomic
+from cbam_train.atomic import write_json_atomic
+from cbam_train.report import Reporter
 from cbam_train.schedule import apply_stage
 from cbam_train.engine import (backward_step, build_optimizer, compile_for_stage, evaluate, forward_loss,
                                setup_device, train_one_epoch)

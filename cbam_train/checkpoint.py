@@ -1,12 +1,10 @@
-"""Weights and checkpoints in and out: atomic saves, weights-only loads, ImageNet weights through
-torchvision's cache."""
+"""Weights and checkpoint files in and out: weights-only loads, the checkpoint envelope (format and
+version), the background writer, ImageNet weights through torchvision's cache. What a checkpoint holds
+is run_state.py's business."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,77 +13,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cbam_train.atomic import atomic_save, link_or_copy
 from cbam_train.config import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 CHECKPOINT_FORMAT = "cbam-train-checkpoint"
-CHECKPOINT_VERSION = 1  # bump when the layout changes; load_checkpoint refuses newer versions
+CHECKPOINT_VERSION = 1  # bump when run_state.py's layout changes; load_checkpoint refuses every other version
 
 
 class WeightsError(UserError):
     """A weights file is missing, unreadable or does not fit the model."""
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it (briefly)
-    os.umask(mask)
-    return mask
-
-
-_umask = [_read_umask()]
-
-
-def _umask_now() -> int:
-    """The process umask, read on the main thread only: the umask is process-wide, and setting it from the
-    checkpoint-writer thread would briefly change the mode of files the training thread creates."""
-    if threading.current_thread() is threading.main_thread():
-        _umask[0] = _read_umask()
-    return _umask[0]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask_now())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Make dst an atomic copy of src: a hard link (free; src's later replacement leaves it alone), else a copy."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def load_checkpoint(path: str | Path, what: str = "resume") -> dict:
@@ -95,9 +32,14 @@ def load_checkpoint(path: str | Path, what: str = "resume") -> dict:
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{what}: {path} is not a cbam-train checkpoint (a plain state dict? "
                            "use init_from=PATH to start a new run from its weights)")
-    if obj.get("version", 0) > CHECKPOINT_VERSION:
-        raise WeightsError(f"{what}: {path} has checkpoint format version {obj['version']}; this cbam-train reads "
+    version = obj.get("version", 0)
+    if version > CHECKPOINT_VERSION:
+        raise WeightsError(f"{what}: {path} has checkpoint format version {version}; this cbam-train reads "
                            f"up to {CHECKPOINT_VERSION}: upgrade cbam-train")
+    if version < CHECKPOINT_VERSION:
+        raise WeightsError(f"{what}: {path} has checkpoint format version {version}, older than this cbam-train's "
+                           f"{CHECKPOINT_VERSION}, so it cannot be resumed; start a new run from its weights with "
+                           f"init_from={path}")
     return obj
 
 
@@ -136,12 +78,17 @@ def read_weights(path: str | Path, what: str = "weights") -> tuple:
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{what}: {path} does not hold a state dict (name -> tensor)")
+    return strip_wrapper_prefixes(obj), ckpt
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """torchvision's key names: 'module.' (DDP, AveragedModel) and '_orig_mod.' (torch.compile) removed."""
     out = {}
-    for k, v in obj.items():
+    for k, v in state.items():
         while k.startswith(WRAPPER_PREFIXES):  # e.g. _orig_mod.module.x from compile(DDP(model))
             k = k.split(".", 1)[1]
         out[k] = v
-    return out, ckpt
+    return out
 
 
 def load_state_dict_file(path: str | Path, what: str = "weights") -> dict:
@@ -258,14 +205,16 @@ def save_checkpoint(state: dict, folder: Path, names: list, resume_hint: str) ->
                               f"intact: free space and resume with: {resume_hint}") from None
 
 
-def detached_copy(obj: Any) -> Any:
-    """obj with every tensor copied to the CPU: a snapshot training can no longer change."""
+def cpu_snapshot(obj: Any, contiguous: bool = False) -> Any:
+    """obj with every tensor copied to the CPU: a snapshot training can no longer change. contiguous=True also
+    turns channels_last tensors into the default layout (model.pt)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        layout = torch.contiguous_format if contiguous else torch.preserve_format
+        return obj.detach().to("cpu", copy=True, memory_format=layout)
     if isinstance(obj, dict):
-        return {k: detached_copy(v) for k, v in obj.items()}
+        return {k: cpu_snapshot(v, contiguous) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(detached_copy(v) for v in obj)
+        return type(obj)(cpu_snapshot(v, contiguous) for v in obj)
     return obj
 
 
@@ -280,7 +229,7 @@ class BackgroundSaver:
 
     def save(self, state: dict, folder: Path, names: list, resume_hint: str) -> None:
         self.wait()
-        snapshot = detached_copy(state)
+        snapshot = cpu_snapshot(state)
         self._thread = threading.Thread(target=self._write, args=(snapshot, folder, names, resume_hint),
                                         name="checkpoint-writer", daemon=True)
         self._thread.start()

@@ -11,13 +11,14 @@ from typing import Optional
 
 from rich.table import Table
 
-from cbam_train.checkpoint import load_strict, read_weights
+from cbam_train.atomic import write_json_atomic
+from cbam_train.checkpoint import load_strict, read_weights, strip_wrapper_prefixes
 from cbam_train.config import Config, UserError
 from cbam_train.data import build_splits
 from cbam_train.engine import available_cpus, evaluate, resolve_device, setup_device
 from cbam_train.loaders import build_eval_loader, choose_loader, shutdown_workers
 from cbam_train.models import build_model
-from cbam_train.report import Reporter, write_json_atomic
+from cbam_train.report import Reporter
 from cbam_train.rundir import check_run_dir, write_record
 
 EVAL_FILES = ("eval.json", "train.log")
@@ -45,7 +46,7 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
     state, ckpt = read_weights(path, f"checkpoint={cfg.checkpoint}")
     weights = "model"
     if ckpt is not None and ckpt.get("ema"):  # a run with train.ema_decay judged (and saved) its EMA weights
-        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        state = strip_wrapper_prefixes({k: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
         weights = "ema"
     model = build_model(cfg.model)
     load_strict(model, state, f"checkpoint={cfg.checkpoint}")
@@ -83,7 +84,7 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
         rep.print(f"wrote {run_dir / 'eval.json'}")
         return out
     except UserError as e:
-        rep.log.print(f"error: {e}")
+        rep.log_only(f"error: {e}")
         raise
     finally:
         rep.close()

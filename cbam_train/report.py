@@ -19,7 +19,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from cbam_train.atomic import write_json_atomic, write_text_atomic
 from cbam_train.plots import draw_curves, safe_draw, stage_spans
+
 
 def resolve_mode(mode: str, stream=None) -> str:
     """auto -> rich on a terminal, plain when captured (CI, pipes, files)."""
@@ -27,17 +29,6 @@ def resolve_mode(mode: str, stream=None) -> str:
     if mode != "auto":
         return mode
     return "rich" if stream.isatty() and os.environ.get("TERM") != "dumb" else "plain"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and rename: a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def fmt_lr(lr: float) -> str:
@@ -85,6 +76,10 @@ class Reporter:
             self.err.print(*objs)
         else:
             self.console.print(*objs)
+
+    def log_only(self, text: str) -> None:
+        """To the log file only (e.g. the error the CLI prints to the console itself)."""
+        self.log.print(text)
 
     def warn(self, msg: str) -> None:
         """A yellow line on stderr (even in quiet mode) and in the log."""

@@ -217,7 +217,7 @@ def make_checkpoint(cfg: Any, overrides: list, model: nn.Module, opt: torch.opti
     """Everything an exact resume needs. `epoch`: the last finished epoch; `partial`: the EpochState of the
     next one when saved mid-epoch (None at an epoch end); `rng`: the states at the start of that next epoch."""
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": model.state_dict(),  # the writer snapshots every tensor to the CPU once
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from cbam_train.console import fail
 from cbam_train.plots import draw_sweep, safe_draw
-from cbam_train.report import csv_text, write_json_atomic, write_text_atomic
+from cbam_train.atomic import write_json_atomic, write_text_atomic
+from cbam_train.report import csv_text
 
 COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "test_acc", "epochs", "wall_time_s",
            "run_dir", "error", "metric", "value")

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from cbam_train import distributed
-from cbam_train.checkpoint import CheckpointError, atomic_save, load_initial_weights, load_state_dict_file, load_strict
+from cbam_train.atomic import atomic_save
+from cbam_train.checkpoint import (CheckpointError, cpu_snapshot, load_initial_weights, load_state_dict_file,
+                                   load_strict)
 from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.data import build_splits
 from cbam_train.engine import (EpochState, NonFiniteLoss, StepExtras, TrainingError, available_cpus, build_ema,
@@ -84,7 +86,7 @@ def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Op
                         device, rep, t_start, resume, stop, dist)
     except (UserError, TrainingError, Interrupted) as e:
         # the console gets it from the CLI; the log must say why the run stopped
-        rep.log.print(f"{getattr(e, 'label', 'error')}: {e}")
+        rep.log_only(f"{getattr(e, 'label', 'error')}: {e}")
         raise
     finally:
         rep.close()
@@ -307,8 +309,7 @@ def _run(cfg: Config, run_dir: Path, config_yaml: str, overrides: list, stages: 
             return {"final_val_acc": history[-1]["val_acc"] if history else None, "best_val_acc": best_val,
                     "test_acc": test["acc"] if test else None}
         try:
-            final = {k: v.detach().cpu().contiguous() for k, v in judged.state_dict().items()}
-            atomic_save(final, run_dir / "model.pt")
+            atomic_save(cpu_snapshot(judged.state_dict(), contiguous=True), run_dir / "model.pt")
         except OSError as e:
             raise CheckpointError(f"could not write {run_dir / 'model.pt'} ({e.strerror or e}); checkpoints/last.pt "
                                   f"holds the trained model: free space and finish with: {save.hint}") from None

@@ -113,6 +113,16 @@ def test_read_weights_tells_a_cbam_train_checkpoint_apart(tmp_path):
         load_checkpoint(tmp_path / "new.pt")
 
 
+def test_checkpoint_of_an_older_format_version_is_refused_in_one_line(tmp_path):
+    from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION - 1, "model": small_state()},
+               tmp_path / "old.pt")
+    with pytest.raises(WeightsError, match=f"version {CHECKPOINT_VERSION - 1}, older") as e:
+        load_checkpoint(tmp_path / "old.pt", "resume=old.pt")
+    assert "init_from=" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monkeypatch):
     from cbam_train import checkpoint
     from cbam_train.checkpoint import BackgroundSaver, CheckpointError
