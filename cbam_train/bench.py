@@ -13,13 +13,14 @@ from typing import Callable, Optional
 import torch
 from rich.table import Table
 
-from cbam_train.config import Config
 from cbam_train.atomic import write_json_atomic
+from cbam_train.config import Config
+from cbam_train.device import compile_for_stage, setup_device
+from cbam_train.engine import EpochSetup, backward_step, evaluate, forward_loss, train_one_epoch
+from cbam_train.optim import build_optimizer
 from cbam_train.report import Reporter
 from cbam_train.schedule import apply_stage
-from cbam_train.engine import (backward_step, build_optimizer, compile_for_stage, evaluate, forward_loss,
-                               setup_device, train_one_epoch)
-from cbam_train.train import prepare_data, start_run
+from cbam_train.startup import prepare_data, start_run
 
 
 def _sync(device: torch.device) -> None:
@@ -75,11 +76,11 @@ def _peak_memory_mb(device: torch.device) -> tuple:
 def run_bench(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
     """Measure augmentation, the input pipeline, training per stage, a bare step loop and evaluation."""
     run_dir = Path(run_dir)
-    stages, device, model, rep = start_run(cfg, run_dir, record, required=("bench.json",))
+    started = start_run(cfg, run_dir, record, required=("bench.json",))
     try:
-        return _bench(cfg, run_dir, stages, model, device, rep)
+        return _bench(cfg, run_dir, started.stages, started.model, started.device, started.rep)
     finally:
-        rep.close()
+        started.rep.close()
 
 
 def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, device: torch.device,
@@ -131,15 +132,15 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
             break
     out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
     rounds = 3  # alternate loop and bare measurements and keep each one's best: noise lands on neither side
-    for st in stages:
-        params = apply_stage(model, st.trainable, cfg.schedule.freeze_bn)
+    quiet = EpochSetup(device, amp, where="bench")  # no progress, one host sync per call
+    for stage in stages:
+        params = apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
         step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
-        opt = build_optimizer(params, cfg.optim, st.lr)
+        opt = build_optimizer(params, cfg.optim, stage.lr)
         per_call = 1  # batches per timed call, set below so that one call takes a fraction of the budget
 
         def loop_step() -> int:  # the real training loop (device-side sums, one sync per call) on ready batches
-            return train_one_epoch(step_model, _Batches(ready, per_call), opt, device, lambda *a, **k: None,
-                                   10**9, "bench", amp)["n"]
+            return train_one_epoch(step_model, _Batches(ready, per_call), opt, quiet).n
 
         def bare_step() -> int:  # forward/backward/step only, the same batches
             n = 0
@@ -165,13 +166,13 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
         for _ in range(rounds):
             loop_rates.append(images_per_s(loop_step, **chunk))
             bare_rates.append(images_per_s(bare_step, **chunk))
-        out["train_images_per_s"][st.name] = max(loop_rates)
-        out["bare_step_images_per_s"][st.name] = max(bare_rates)
+        out["train_images_per_s"][stage.name] = max(loop_rates)
+        out["bare_step_images_per_s"][stage.name] = max(bare_rates)
     last = stages[-1].name
 
     def end_to_end() -> int:  # the last stage's loop fed by the real input pipeline, as in training
         stream = _Stream(next_batch, per_call)
-        return train_one_epoch(step_model, stream, opt, device, lambda *a, **k: None, 10**9, "bench", amp)["n"]
+        return train_one_epoch(step_model, stream, opt, quiet).n
 
     out["train_end_to_end_images_per_s"] = images_per_s(end_to_end, **chunk)
     out["loop_overhead_pct"] = 100 * (out["bare_step_images_per_s"][last] / out["train_images_per_s"][last] - 1)

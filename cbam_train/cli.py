@@ -22,8 +22,8 @@ from hydra.core.config_store import ConfigStore
 from cbam_train.config import Config, UserError
 from cbam_train.validation import validate
 from cbam_train.console import fail, print_error
-from cbam_train.resume import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.launchers import is_main_process, submitit_ranks
+from cbam_train.overrides import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.sweep import write_status
 
 

@@ -7,6 +7,7 @@ everything here is a no-op and the run is the ordinary single-process one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -132,12 +133,12 @@ def broadcast(obj: Any, dist: Dist) -> Any:
     return box[0]
 
 
-def reduce_epoch(tr: dict, dist: Dist, device: torch.device) -> dict:
-    """A training epoch's loss, accuracy and counts over all ranks (a no-op in a single process)."""
+def reduce_epoch(result: Any, dist: Dist, device: torch.device) -> Any:
+    """A training epoch's EpochResult with loss, accuracy and counts over all ranks (as is in a single process)."""
     if not dist.enabled:
-        return tr
-    st = tr["state"]
+        return result
+    sums = result.state
     loss_sum, correct, seen, skipped = sum_(
-        [st.loss_sum.item(), st.correct.item(), st.seen, st.skipped], dist, device)
+        [sums.loss_sum.item(), sums.correct.item(), sums.seen, sums.skipped], dist, device)
     n = max(seen, 1)
-    return {**tr, "loss": loss_sum / n, "acc": correct / n, "n": int(seen), "skipped": int(skipped)}
+    return dataclasses.replace(result, loss=loss_sum / n, acc=correct / n, n=int(seen), skipped=int(skipped))

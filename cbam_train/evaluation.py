@@ -12,13 +12,15 @@ from typing import Optional
 from rich.table import Table
 
 from cbam_train.atomic import write_json_atomic
-from cbam_train.checkpoint import load_strict, read_weights, strip_wrapper_prefixes
+from cbam_train.checkpoint import load_strict, read_weights
 from cbam_train.config import Config, UserError
 from cbam_train.data import build_splits
-from cbam_train.engine import available_cpus, evaluate, resolve_device, setup_device
+from cbam_train.device import available_cpus, resolve_device, setup_device
+from cbam_train.engine import evaluate
 from cbam_train.loaders import build_eval_loader, choose_loader, shutdown_workers
 from cbam_train.models import build_model
 from cbam_train.report import Reporter
+from cbam_train.run_state import ema_weights, normalisation
 from cbam_train.rundir import check_run_dir, write_record
 
 EVAL_FILES = ("eval.json", "train.log")
@@ -26,8 +28,9 @@ EVAL_FILES = ("eval.json", "train.log")
 
 def saved_normalisation(path: Path, ckpt: Optional[dict]) -> tuple:
     """(mean, std) the model was trained with: from the checkpoint, or the summary.json beside a model.pt."""
-    if ckpt is not None and ckpt.get("data"):
-        return ckpt["data"]["mean"], ckpt["data"]["std"]
+    saved = normalisation(ckpt)
+    if saved is not None:
+        return saved
     summary = path.parent / "summary.json"
     if summary.is_file():
         try:
@@ -45,9 +48,9 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
     device = resolve_device(cfg.device.name)
     state, ckpt = read_weights(path, f"checkpoint={cfg.checkpoint}")
     weights = "model"
-    if ckpt is not None and ckpt.get("ema"):  # a run with train.ema_decay judged (and saved) its EMA weights
-        state = strip_wrapper_prefixes({k: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
-        weights = "ema"
+    ema = ema_weights(ckpt)
+    if ema is not None:  # a run with train.ema_decay judged (and saved) its EMA weights
+        state, weights = ema, "ema"
     model = build_model(cfg.model)
     load_strict(model, state, f"checkpoint={cfg.checkpoint}")
     check_run_dir(run_dir, EVAL_FILES)

@@ -40,11 +40,11 @@ def claim_run_dir(run_dir: Path, record: Optional[dict], required: tuple, resume
         raise UserError(f"resume={resume.path}: an earlier checkpoint cannot continue in its own run dir (that would "
                         "overwrite the run's later results); drop hydra.run.dir= to branch into a new run dir")
     check_run_dir(run_dir, required, resuming=same_dir)
-    if same_dir and resume.ckpt is not None and (run_dir / "summary.json").is_file() \
-            and resume.ckpt["epoch"] >= last_epoch:
+    if same_dir and resume.state is not None and (run_dir / "summary.json").is_file() \
+            and resume.state.epoch >= last_epoch:
         raise UserError(f"resume: the run in {run_dir} already finished (summary.json); nothing to resume. "
                         "To train longer, add epochs: schedule.stages.<name>.epochs=N")
-    if same_dir and resume.ckpt is None:  # starting over is only right for a run that died before any result
+    if same_dir and resume.state is None:  # starting over is only right for a run that died before any result
         done = [f for f in ("summary.json", "model.pt") if (run_dir / f).exists()]
         rows = (run_dir / "metrics.jsonl").read_text().count("\n") if (run_dir / "metrics.jsonl").exists() else 0
         if done or rows:

@@ -76,9 +76,10 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
         total += stages[n].epochs
     out = []
     for i in chosen:
-        st = stages[names[i]]
-        sched = getattr(st, "sched", None)
-        out.append(Stage(index=i + 1, name=names[i], epochs=st.epochs, lr=st.lr * scale, trainable=tuple(st.trainable),
+        stage_cfg = stages[names[i]]
+        sched = getattr(stage_cfg, "sched", None)
+        out.append(Stage(index=i + 1, name=names[i], epochs=stage_cfg.epochs, lr=stage_cfg.lr * scale,
+                         trainable=tuple(stage_cfg.trainable),
                          first_epoch=first_epoch[names[i]], sched=sched.name if sched else "constant",
                          warmup_epochs=sched.warmup_epochs if sched else 0.0,
                          min_lr_ratio=sched.min_lr_ratio if sched else 0.0))
@@ -90,7 +91,8 @@ def module_names(model: nn.Module) -> list:
     return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
 
 
-def _matches(param: str, entry: str) -> bool:
+def _selects(entry: str, param: str) -> bool:
+    """Whether a trainable entry ('all', 'cbam', a module like 'layer4') selects the parameter named `param`."""
     if entry == "all":
         return True
     if entry == "cbam":
@@ -101,24 +103,24 @@ def _matches(param: str, entry: str) -> bool:
 def check_trainable(model: nn.Module, stages: Mapping) -> None:
     """Fail at start-up, naming the stage and the valid names, if a trainable entry matches nothing."""
     params = [n for n, _ in model.named_parameters()]
-    has_cbam = any(_matches(p, "cbam") for p in params)
+    has_cbam = any(_selects("cbam", p) for p in params)
     known = ", ".join([n for n in module_names(model) if n != "cbam"] + ["all"] + (["cbam"] if has_cbam else []))
-    for stage_name, st in stages.items():
-        for entry in st.trainable:
-            if entry == "all" or (entry == "cbam" and has_cbam) or any(_matches(p, entry) for p in params):
+    for stage_name, stage_cfg in stages.items():
+        for entry in stage_cfg.trainable:
+            if entry == "all" or (entry == "cbam" and has_cbam) or any(_selects(entry, p) for p in params):
                 continue
             if entry == "cbam":  # the seed schedule names cbam; with CBAM off it simply selects nothing
                 continue
             raise ConfigError(f"schedule.stages.{stage_name}.trainable: unknown module {entry!r}; known: {known}")
-        if not trainable_parameters(model, st.trainable):
-            raise ConfigError(f"schedule.stages.{stage_name}.trainable={list(st.trainable)} selects no parameters "
-                              f"of this model (model.cbam.enabled=false?); known: {known}")
+        if not trainable_parameters(model, stage_cfg.trainable):
+            raise ConfigError(f"schedule.stages.{stage_name}.trainable={list(stage_cfg.trainable)} selects no "
+                              f"parameters of this model (model.cbam.enabled=false?); known: {known}")
 
 
 def trainable_parameters(model: nn.Module, trainable: Iterable[str]) -> list:
     """Names of the parameters a stage trains, in model order."""
     entries = list(trainable)
-    return [n for n, _ in model.named_parameters() if any(_matches(n, e) for e in entries)]
+    return [n for n, _ in model.named_parameters() if any(_selects(e, n) for e in entries)]
 
 
 def apply_stage(model: nn.Module, trainable: Iterable[str], freeze_bn: bool = True) -> list:
@@ -144,18 +146,18 @@ def frozen_new_modules(stages: Sequence[Stage], new_modules: Iterable[str], mode
     them, i.e. still at their random init: {stage name: [module]}."""
     out = {}
     untrained = list(new_modules)
-    for st in stages:
-        trained = trainable_parameters(model, st.trainable)
-        untrained = [m for m in untrained if not any(_matches(p, m) for p in trained)]
+    for stage in stages:
+        trained = trainable_parameters(model, stage.trainable)
+        untrained = [m for m in untrained if not any(_selects(m, p) for p in trained)]
         if untrained:
-            out[st.name] = list(untrained)
+            out[stage.name] = list(untrained)
     return out
 
 
-def stage_scheduler(opt: torch.optim.Optimizer, st: Stage, steps_per_epoch: int) -> Optional[LambdaLR]:
+def stage_scheduler(opt: torch.optim.Optimizer, stage: Stage, steps_per_epoch: int) -> Optional[LambdaLR]:
     """The per-step lr schedule inside a stage (schedule.stages.<name>.sched), or None for a constant lr."""
-    if not st.has_lr_schedule():
+    if not stage.has_lr_schedule():
         return None
-    steps, warmup = st.epochs * steps_per_epoch, round(st.warmup_epochs * steps_per_epoch)
+    steps, warmup = stage.epochs * steps_per_epoch, round(stage.warmup_epochs * steps_per_epoch)
     return LambdaLR(
-        opt, lambda k: lr_factor(k, steps, warmup, st.sched, st.min_lr_ratio))
+        opt, lambda k: lr_factor(k, steps, warmup, stage.sched, stage.min_lr_ratio))

@@ -55,7 +55,7 @@ def collect(sweep_dir: Path) -> list:
 
 def swept(rows: list) -> list:
     """Each job's overrides that differ between jobs (the swept values), for labels; shared ones left out."""
-    from cbam_train.resume import override_key
+    from cbam_train.overrides import override_key
 
     values: dict = {}
     for r in rows:

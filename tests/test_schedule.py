@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cbam_train import engine as train
+from cbam_train.optim import build_optimizer
 from cbam_train.config import ConfigError, StageConfig
 from cbam_train.models.resnet import ResNetCBAM
 from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, resolve_stages,
@@ -194,9 +195,10 @@ def run_epoch(model, trainable, freeze_bn):
     loader = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen))
               for _ in range(2)]
     calls = []
-    out = train.train_one_epoch(model, loader, opt, torch.device("cpu"), lambda *a, **k: calls.append(a),
-                                every_n_steps=1, where="test")
-    assert out["n"] == 8 and len(calls) == 2
+    setup = train.EpochSetup(torch.device("cpu"), on_step=lambda *a, **k: calls.append(a), every_n_steps=1,
+                             where="test")
+    out = train.train_one_epoch(model, loader, opt, setup)
+    assert out.n == 8 and len(calls) == 2
     return out
 
 
@@ -264,7 +266,7 @@ def test_frozen_new_modules_nothing_new(model, seed_stages):
 def test_build_optimizer_gets_exactly_the_params_and_lr(model, make_cfg, seed_stages, optim, cls):
     cfg = make_cfg([f"optim={optim}"])
     params = apply_stage(model, seed_stages["head"].trainable)
-    opt = train.build_optimizer(params, cfg.optim, 3e-4)
+    opt = build_optimizer(params, cfg.optim, 3e-4)
     assert type(opt) is cls
     assert len(opt.param_groups) == 1
     group = opt.param_groups[0]

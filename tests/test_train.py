@@ -106,7 +106,7 @@ def test_rich_and_quiet_modes_run(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, scaler", [("bf16", False), ("fp16", True), ("fp32", False)])
 def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
-    from cbam_train.engine import resolve_amp
+    from cbam_train.device import resolve_amp
 
     cfg = compose_config(TINY + [f"device.precision={precision}", "device.channels_last=true", "stage=full"])
     amp = resolve_amp(cfg.device, torch.device("cpu"))
@@ -125,7 +125,7 @@ def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
 
 
 def test_auto_precision_is_fp32_on_cpu():
-    from cbam_train.engine import resolve_amp
+    from cbam_train.device import resolve_amp
 
     amp = resolve_amp(compose_config(["device=auto"]).device, torch.device("cpu"))
     assert amp.name == "fp32" and amp.dtype is None and amp.memory_format == torch.contiguous_format
@@ -137,7 +137,8 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     from cbam_train.config import DeviceConfig
     from cbam_train.models import ResNetCBAM
     from cbam_train.schedule import apply_stage
-    from cbam_train.engine import compile_for_stage, train_one_epoch
+    from cbam_train.device import compile_for_stage
+    from cbam_train.engine import EpochSetup, train_one_epoch
 
     torch.manual_seed(0)
     model = ResNetCBAM()
@@ -145,11 +146,13 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     cfg = DeviceConfig(compile=True, compile_backend="aot_eager")
     quiet = lambda *a, **k: None  # noqa: E731
     opt = torch.optim.SGD(apply_stage(model, ["fc", "cbam"]), lr=0.1)
-    train_one_epoch(compile_for_stage(model, cfg), batches, opt, torch.device("cpu"), quiet, 1, "head")
+    train_one_epoch(compile_for_stage(model, cfg), batches, opt,
+                    EpochSetup(torch.device("cpu"), on_step=quiet, every_n_steps=1, where="head"))
     assert model.conv1.weight.grad is None
     before = model.conv1.weight.detach().clone()
     opt = torch.optim.SGD(apply_stage(model, ["all"]), lr=0.1)
-    train_one_epoch(compile_for_stage(model, cfg), batches, opt, torch.device("cpu"), quiet, 1, "full")
+    train_one_epoch(compile_for_stage(model, cfg), batches, opt,
+                    EpochSetup(torch.device("cpu"), on_step=quiet, every_n_steps=1, where="full"))
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
     assert not torch.equal(before, model.conv1.weight)
 
@@ -157,7 +160,8 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_forward_runs_under_the_configured_autocast(precision, dtype):
     from cbam_train.models import ResNetCBAM
-    from cbam_train.engine import forward_loss, setup_device
+    from cbam_train.device import setup_device
+    from cbam_train.engine import forward_loss
 
     model = ResNetCBAM()
     amp = setup_device(model, compose_config(["device=cpu", f"device.precision={precision}",
