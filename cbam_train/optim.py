@@ -1,5 +1,5 @@
 """What updates the weights: the optimizer over a stage's trainable parameters, and the EMA of the weights.
-A new optimizer goes into build_optimizer (and its name into config.py's OptimConfig and validate())."""
+A new optimizer goes into build_optimizer (its name and fields into config.OptimConfig and validation.py)."""
 
 from __future__ import annotations
 
