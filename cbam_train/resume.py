@@ -34,32 +34,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _matches(key: str, patterns: tuple) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
-def config_changes(old: dict, new: dict) -> tuple:
-    """(refused, other) lists of 'key: old -> new' between a checkpoint's config and the resuming one;
-    harmless keys are left out of both."""
-    a, b = flatten(old), flatten(new)
-    refused, other = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") == b.get(key, "<unset>") or _matches(key, HARMLESS):
-            continue
-        line = f"{key}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}"
-        (refused if _matches(key, REFUSED) else other).append(line)
-    return refused, other
-
-
-def check_resume_config(old: dict, new: dict, source: str) -> list:
-    """Raise ConfigError if the resume changes the model or the data; return the other changes (to warn about)."""
-    refused, other = config_changes(old, new)
-    if refused:
-        raise ConfigError(f"resume: this config changes the model or the data of {source} ({'; '.join(refused)}); "
-                          "resume with the run's own settings, or start a new run (init_from=... takes its weights)")
-    return other
-
-
 def _in(key: str, patterns: tuple) -> bool:
     """key is one of the patterns, or under one ending in '.'."""
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
