@@ -4,6 +4,7 @@ hands it to the task. User errors become one red line and exit code 2; traceback
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 
 from cbam_train.config import Config, UserError
 from cbam_train.validation import validate
-from cbam_train.console import fail, print_error
+from cbam_train.console import CapturedStderr, fail, print_error, release_stderr
 from cbam_train.launchers import is_main_process, submitit_ranks
 from cbam_train.overrides import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.sweep import write_status
@@ -98,29 +99,20 @@ def quoting_hint(text: str, args: list) -> str:
     if not m or "=" in m.group(1):
         return ""
     token = m.group(1)
-    if token in args and args.index(token) > 0 and "=" in args[args.index(token) - 1]:
-        key, value = args[args.index(token) - 1].split("=", 1)
-        example = f"""'{key}="{value} {token}"'"""
-    else:
-        example = """'data.root="/path/with space"'"""
+    example = """'data.root="/path/with space"'"""
+    for i, arg in enumerate(args):  # the occurrence that follows a key=value: the value's first lost part
+        if arg == token and i > 0 and "=" in args[i - 1] and not args[i - 1].startswith("-"):
+            rest = []
+            for more in args[i:]:  # every bare word after it was part of the value too
+                if "=" in more or more.startswith("-"):
+                    break
+                rest.append(more)
+            key, value = args[i - 1].split("=", 1)
+            value = " ".join([value, *rest]).replace("'", "'\\''").replace('"', '\\"')
+            example = f"""'{key}="{value}"'"""
+            break
     return (f"; '{token}' is not key=value: a value with a space must be quoted for the shell and for Hydra, "
             f"e.g. {example}")
-
-
-class CapturedStderr(io.StringIO):
-    """stderr while Hydra composes: its composition errors land here and main() condenses them to one line.
-    `real` is the stream to hand back. The task function finds it on sys.stderr itself (no module state), so
-    launchers that pickle the task function (submitit, joblib) have nothing to carry."""
-
-    def __init__(self, real) -> None:
-        super().__init__()
-        self.real = real
-
-
-def release_stderr() -> None:
-    """Composition succeeded: from here on stderr is the job's own (a no-op in a launcher's worker process)."""
-    if isinstance(sys.stderr, CapturedStderr):
-        sys.stderr = sys.stderr.real
 
 
 def _os_error_line(text: str) -> str | None:
@@ -156,7 +148,8 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
 
         result = run_bench(cfg, run_dir, record)
     value = (result or {}).get(cfg.optimized_metric) if isinstance(result, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None
+    # a sweeper takes a finite float; None (not measured, e.g. no val split) or NaN records a failed trial
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def outcome(e: BaseException) -> tuple | None:
@@ -228,7 +221,7 @@ def main() -> None:
             cannot = _os_error_line(text)
             if cannot:
                 fail(cannot, 2)
-            if "HYDRA_FULL_ERROR" in text:
+            if "HYDRA_FULL_ERROR" in text and "Traceback (most recent call last)" not in text:  # composition
                 fail(f"config: {condense_hydra_error(text)}{quoting_hint(text, sys.argv[1:])}", 2)
         sys.stderr.write(text)
         raise

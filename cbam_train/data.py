@@ -268,6 +268,12 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[s
                         f"training image; use data.limit>={len(classes)} or null")
     train_idx, val_idx = stratified_split(labels, cfg.val_size, seed)
     train_idx = stratified_subset(train_idx, labels, cfg.limit, seed)
+    counts = np.bincount(np.asarray(labels)[train_idx], minlength=len(classes))
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:  # a small class can lose every image to the validation split or to data.limit
+        raise DataError(f"class(es) {', '.join(empty[:5])} have no training images after the validation split"
+                        f"{' and data.limit' if cfg.limit is not None else ''}; lower data.val_size, raise "
+                        "data.limit, or add images")
     if cfg.mean is not None and cfg.std is not None:
         mean, std = tuple(cfg.mean), tuple(cfg.std)
     else:  # measure on up to 2,000 training images (deterministic sample)

@@ -9,7 +9,9 @@ import os
 import re
 from typing import Optional
 
-PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT from the job id: tasks of one job agree without talking
+# MASTER_PORT from the job's own id (SLURM_JOB_ID: unique per array task), so the tasks of one job agree without
+# talking; below Linux's ephemeral range (32768-60999), where outgoing connections take their ports
+PORT_BASE, PORT_SPAN = 15000, 15000
 
 
 def submitit_ranks(environ: Optional[dict] = None) -> dict:
@@ -22,7 +24,7 @@ def submitit_ranks(environ: Optional[dict] = None) -> dict:
     job = submitit.JobEnvironment()
     if job.num_tasks <= 1:
         return {}
-    digits = re.sub(r"\D", "", str(job.job_id)) or "0"
+    digits = re.sub(r"\D", "", str(job.raw_job_id)) or "0"
     return {"RANK": str(job.global_rank), "LOCAL_RANK": str(job.local_rank), "WORLD_SIZE": str(job.num_tasks),
             "LOCAL_WORLD_SIZE": str(job.num_tasks // max(1, job.num_nodes)),
             "MASTER_ADDR": "127.0.0.1" if job.num_nodes == 1 else job.hostnames[0],

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbam_train.console import fail
+from cbam_train.console import fail, release_stderr
 from cbam_train.plots import draw_sweep, safe_draw
 from cbam_train.atomic import write_json_atomic, write_text_atomic
 from cbam_train.report import csv_text
@@ -96,6 +96,9 @@ def summary_table(rows: list, sweep_dir: Path) -> Table:
 
 class SweepSummary(Callback):
     """Registered in conf/config.yaml (hydra.callbacks.sweep_summary); Hydra calls it after the last job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        release_stderr()  # the sweep is composed: the parent's stderr is its own again, for the sweep's whole run
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

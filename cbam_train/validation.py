@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 from cbam_train.config import SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
 
-MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider
-MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: layer4 sees 1x1 at this size
+MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
+MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -105,8 +105,8 @@ def _check_data(d: DataConfig, m: ModelConfig) -> None:
                           f"{d.num_classes}")
     least = MIN_IMAGE_SIZE[m.stem]
     if d.image_size < least:
-        raise ConfigError(f"data.image_size must be >= {least} with model.stem={m.stem} (its stride; layer4 "
-                          f"would see less than one pixel), got {d.image_size}")
+        raise ConfigError(f"data.image_size must be >= {least} with model.stem={m.stem} (the stem's total "
+                          f"stride: smaller images reach layer4 as mostly padding), got {d.image_size}")
     _positive("data.val_size", d.val_size, strict=False)
     _choice("data.bad_images", d.bad_images, ("error", "skip"))
     _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))

@@ -80,7 +80,8 @@ def _python_subprocesses_only_in_slow_tests(request, monkeypatch):
 
     def guarded(self, args, *a, **k):
         argv = [args] if isinstance(args, (str, os.PathLike)) else list(args)
-        if argv and Path(str(argv[0])).name.startswith("python") or str(argv[0]) == sys.executable:
+        if argv and (Path(str(argv[0])).name.startswith(("python", "cbam-train", "torchrun"))
+                     or str(argv[0]) == sys.executable):
             raise AssertionError(f"{request.node.nodeid} starts a Python subprocess: mark it @pytest.mark.slow")
         real_init(self, args, *a, **k)
 
@@ -92,6 +93,8 @@ def _no_inherited_process_group(monkeypatch):
     """In-process runs read WORLD_SIZE/RANK too (distributed.from_env): a test never inherits a process group."""
     for key in SCRUBBED_ENV:
         monkeypatch.delenv(key, raising=False)
+    for key in [k for k in os.environ if k.startswith(SCRUBBED_PREFIXES)]:
+        monkeypatch.delenv(key)
 
 
 def run_cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -392,7 +392,7 @@ START_UP = [
     ("augment=flipcrop augment.crop.padding=8", "augment.crop.padding must be < data.image_size (8)"),
     ("augment.rotation.degrees=400", "augment.rotation.degrees must be in [0, 180]"),
     ("optim=sgd optim.momentum=1.0", "optim.momentum must be in [0, 1)"),
-    ("seed=4294967296", "seed must be >= 0 and <= 4294967295"),
+    ("seed=9223372036854775808", "seed must be >= 0 and <= 9223372036854775807"),
 ]
 AFTER_CLAIM = [  # refused once the data is read: the run dir has its config record, no results
     ("data.batch_size=100", "data.batch_size=100 is larger than the 48 training images"),
@@ -416,3 +416,23 @@ def test_bad_value_is_one_line_at_start_up(overrides, phrase, tmp_path, monkeypa
     assert "Traceback" not in err
     written = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
     assert written == ([] if (overrides, phrase) in START_UP else [".hydra", "train.log"])  # no results
+
+
+def test_a_class_left_without_training_images_is_refused(tmp_path, monkeypatch, capsys):
+    """13 images, val_size=4: the stratified split's largest remainder gives the one 'dog' image to val."""
+    from cbam_train import cli
+
+    write_images(tmp_path / "imgs" / "train")
+    (tmp_path / "imgs" / "train" / "dog").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "dog" / "0.png")
+    before = snapshot([tmp_path / "imgs"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["cbam-train", *folder_args(tmp_path / "imgs", {"model.num_classes": 4,
+                                                                                    "data.val_size": 4}),
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: class(es) dog have no training images after the validation split")
+    assert snapshot([tmp_path / "imgs"]) == before

@@ -116,7 +116,7 @@ def test_every_float_key_refuses_nan_and_inf():
     ("optim.momentum=1", "optim.momentum must be in [0, 1)"),
     ("optim.momentum=-0.5", "optim.momentum must be in [0, 1)"),
     ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
-    ("seed=4294967296", "seed must be >= 0 and <= 4294967295"),
+    ("seed=9223372036854775808", "seed must be >= 0 and <= 9223372036854775807"),
     ("train.label_smoothing=1", "train.label_smoothing must be in [0, 1)"),
     ("train.ema_decay=1", "train.ema_decay must be in (0, 1)"),
     ("schedule.stages.head.sched.min_lr_ratio=1.5", "schedule.stages.head.sched.min_lr_ratio must be in [0, 1]"),
@@ -137,7 +137,7 @@ def test_out_of_range_values_are_refused_naming_the_key(override, message):
 
 def test_edges_of_the_ranges_are_accepted():
     compose_config(["augment.rotation.degrees=180", "augment.crop.padding=31", "optim.momentum=0", "seed=0",
-                    f"seed={2**32 - 1}", "data.std=[1,1,1]", "data.mean=[0,0,1]", "augment.flip.p=1",
+                    f"seed={2**63 - 1}", "seed=4294967296", "data.std=[1,1,1]", "data.mean=[0,0,1]", "augment.flip.p=1",
                     "train.label_smoothing=0"])
     compose_config(["data=synthetic", "data.image_size=8", "model.num_classes=2", "data.num_classes=2"])
     compose_config(["data=synthetic", "data.image_size=32", "model.stem=imagenet"])
