@@ -42,14 +42,14 @@ def collect(sweep_dir: Path) -> list:
     """One row per job dir under sweep_dir that has a status.json, in job order."""
     rows = []
     for status_file in sweep_dir.glob("*/status.json"):
-        st = json.loads(status_file.read_text())
+        status = json.loads(status_file.read_text())
         summary_file = status_file.parent / "summary.json"
-        s = json.loads(summary_file.read_text()) if summary_file.is_file() and st["status"] == "completed" else {}
-        rows.append({"job": st["job"], "overrides": st["overrides"], "status": st["status"],
+        s = json.loads(summary_file.read_text()) if summary_file.is_file() and status["status"] == "completed" else {}
+        rows.append({"job": status["job"], "overrides": status["overrides"], "status": status["status"],
                      "best_val_acc": s.get("best_val_acc"), "final_val_acc": s.get("final_val_acc"),
                      "test_acc": s.get("test_acc"), "epochs": s.get("epochs_run"),
-                     "wall_time_s": s.get("wall_time_s"), "run_dir": str(status_file.parent), "error": st["error"],
-                     "metric": st.get("metric"), "value": st.get("value")})
+                     "wall_time_s": s.get("wall_time_s"), "run_dir": str(status_file.parent), "error": status["error"],
+                     "metric": status.get("metric"), "value": status.get("value")})
     return sorted(rows, key=lambda r: r["job"])
 
 
