@@ -71,8 +71,9 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     """Best val accuracy per job: one bar per job labelled with its overrides; failed jobs as red 'failed'."""
     fig = _figure(max(6.0, 1.2 * len(jobs) + 2), 4.5)
     ax = fig.subplots()
-    # 'model.cbam.reduction=8' -> 'reduction=8': the full overrides are in sweep_summary.csv
-    labels = ["\n".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[-1] for o in j["overrides"])
+    # 'model.cbam.reduction=8' -> 'reduction=8', Optuna's 'lr=0.0012520653814999472' -> 'lr=0.00125': the full
+    # overrides are in sweep_summary.csv
+    labels = ["\n".join(_short_key(o) + "=" + _short_number(o.split("=", 1)[-1]) for o in j["overrides"])
               or f"job {j['job']}" for j in jobs]
     values = [100 * j[metric] if j.get(metric) is not None else 0.0 for j in jobs]
     colours = ["#4878b0" if j["status"] == "completed" else "#c44e52" for j in jobs]
@@ -85,6 +86,19 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def _short_key(override: str) -> str:
+    return override.split("=", 1)[0].rsplit(".", 1)[-1]
+
+
+def _short_number(value: str) -> str:
+    """A float with more than 3 significant digits as 3 (a label, not a record); anything else as given."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.3g}" if "." in value or "e" in value.lower() else value
 
 
 def stage_spans(stage_rows: list) -> list:
