@@ -73,7 +73,7 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     ax = fig.subplots()
     # 'model.cbam.reduction=8' -> 'reduction=8', Optuna's 'lr=0.0012520653814999472' -> 'lr=0.00125': the full
     # overrides are in sweep_summary.csv
-    labels = ["\n".join(_short_key(o) + "=" + _short_number(o.split("=", 1)[-1]) for o in j["overrides"])
+    labels = ["\n".join(_short_key(o) + "=" + short_number(o.split("=", 1)[-1]) for o in j["overrides"])
               or f"job {j['job']}" for j in jobs]
     values = [100 * j[metric] if j.get(metric) is not None else 0.0 for j in jobs]
     colours = ["#4878b0" if j["status"] == "completed" else "#c44e52" for j in jobs]
@@ -92,7 +92,7 @@ def _short_key(override: str) -> str:
     return override.split("=", 1)[0].rsplit(".", 1)[-1]
 
 
-def _short_number(value: str) -> str:
+def short_number(value: str) -> str:
     """A float with more than 3 significant digits as 3 (a label, not a record); anything else as given."""
     try:
         number = float(value)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cbam_train.console import fail, release_stderr
-from cbam_train.plots import draw_sweep, safe_draw
+from cbam_train.plots import draw_sweep, safe_draw, short_number
 from cbam_train.atomic import write_json_atomic, write_text_atomic
 from cbam_train.report import csv_text
 
@@ -66,6 +66,12 @@ def swept(rows: list) -> list:
     return [[o for o in r["overrides"] if override_key(o) in keep] for r in rows]
 
 
+def _short(override: str) -> str:
+    """key=value with a long float at 3 significant digits (Optuna's values carry 17)."""
+    key, _, value = override.partition("=")
+    return f"{key}={short_number(value)}"
+
+
 def ranked(rows: list) -> list:
     """Completed jobs by best val accuracy (highest first), then the others."""
     return sorted(rows, key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["job"]))
@@ -84,7 +90,7 @@ def summary_table(rows: list, sweep_dir: Path) -> Table:
                       ("final val", "right"), ("test", "right"), ("epochs", "right"), ("time", "right")):
         t.add_column(col, justify=just)
     pct = lambda v: "" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    labels = {r["job"]: " ".join(o) for r, o in zip(rows, swept(rows))}
+    labels = {r["job"]: " ".join(_short(o) for o in overrides) for r, overrides in zip(rows, swept(rows))}
     for r in ranked(rows):
         t.add_row(str(r["job"]), labels[r["job"]],
                   r["status"] if r["status"] == "completed" else f"{r['status']}: {r['error']}",

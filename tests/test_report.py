@@ -163,6 +163,6 @@ def test_missing_tensorboard_is_one_clear_line(monkeypatch):
 
 def test_sweep_labels_shorten_long_floats_only():
     """Optuna's overrides carry 17 significant digits; three keep the bars' labels apart (sweep.png)."""
-    assert plots._short_number("0.0012520653814999472") == "0.00125"
-    assert plots._short_number("3.860866271460548e-05") == "3.86e-05"
-    assert [plots._short_number(v) for v in ("8", "16", "adam", "[fc,cbam]")] == ["8", "16", "adam", "[fc,cbam]"]
+    assert plots.short_number("0.0012520653814999472") == "0.00125"
+    assert plots.short_number("3.860866271460548e-05") == "3.86e-05"
+    assert [plots.short_number(v) for v in ("8", "16", "adam", "[fc,cbam]")] == ["8", "16", "adam", "[fc,cbam]"]
