@@ -107,7 +107,11 @@ def test_submitit_job_with_two_tasks_trains_data_parallel(tmp_path):
 def test_joblib_runs_two_jobs_at_once_and_records_the_failed_one(tmp_path):
     needs("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher")
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "lr=3e-3,1e-3,-1",
+    # jobs of a few seconds each (16x16, 2 epochs): longer than the skew between the two workers' start-ups
+    # (each imports torch before its job's clock starts), so "at the same time" cannot miss on a slow machine
+    longer = ["data.image_size=16", "data.train_size=192", "schedule.stages.head.epochs=2"]
+    tiny = [a for a in TINY if a.split("=")[0] not in ("data.image_size", "data.train_size")]
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny, *longer, "lr=3e-3,1e-3,-1",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     check_completed_and_failed(sweep, proc, completed=[0, 1], failed=[2])
     first, second = (json.loads((sweep / str(j) / "status.json").read_text()) for j in (0, 1))
