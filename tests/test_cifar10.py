@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbam_train import data as data_mod
-from cbam_train.data import (
-    DataError,
-    build_splits,
-    load_cifar10,
-)
+from cbam_train import cifar10 as cifar10_mod
+from cbam_train.cifar10 import load_cifar10
+from cbam_train.data import DataError, build_splits
 from conftest import CIFAR_NAMES, PER_BATCH, _write_pickle, write_cifar
 
 HINTS = ("data.root", "data=imagefolder", "experiment=smoke")
@@ -140,7 +137,7 @@ def test_cifar10_download_failure_is_one_line_data_error(tmp_path, monkeypatch, 
     with pytest.raises(DataError) as e:
         load_cifar10(str(tmp_path / "fresh"), download=True)
     msg = str(e.value)
-    assert calls == [data_mod.CIFAR10_URL]
+    assert calls == [cifar10_mod.CIFAR10_URL]
     assert "\n" not in msg
     assert "offline" in msg and "could not download" in msg
     for hint in HINTS:
