@@ -15,6 +15,7 @@ from torch import nn
 
 from cbam_train.atomic import atomic_save, link_or_copy
 from cbam_train.config import UserError
+from cbam_train.models.post import from_post, is_post_layout
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 CHECKPOINT_FORMAT = "cbam-train-checkpoint"
@@ -67,7 +68,8 @@ def _load_untrusted(path: Path, what: str, kind: str) -> Any:
 
 def read_weights(path: str | Path, what: str = "weights") -> tuple:
     """(state dict, checkpoint or None) from a plain state dict, a cbam-train checkpoint (the second value,
-    without its model), a file holding one under 'model'/'state_dict', or torchvision's file."""
+    without its model), a file holding one under 'model'/'state_dict', torchvision's file, or the tutorial
+    post's (its names mapped onto ours, models/post.py)."""
     path = Path(path)
     obj = _load_untrusted(path, what, "PyTorch weights file")
     ckpt = None
@@ -78,7 +80,8 @@ def read_weights(path: str | Path, what: str = "weights") -> tuple:
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{what}: {path} does not hold a state dict (name -> tensor)")
-    return strip_wrapper_prefixes(obj), ckpt
+    state = strip_wrapper_prefixes(obj)
+    return (from_post(state) if is_post_layout(state) else state), ckpt
 
 
 def strip_wrapper_prefixes(state: dict) -> dict:

@@ -99,9 +99,11 @@ class AugmentConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "constant"  # the lr within a stage, per step: constant | cosine (to min_lr_ratio x lr)
+    name: str = "constant"  # the lr within a stage, per step: constant | cosine (to min_lr_ratio x lr) | step
     warmup_epochs: float = 0.0  # linear warm-up from ~0 to the stage's lr over this many epochs at its start
     min_lr_ratio: float = 0.0  # cosine: lr at the stage's last step, as a fraction of the stage's lr
+    step_size: int = 10  # step: the lr is multiplied by gamma every step_size epochs of the stage (torch's StepLR)
+    gamma: float = 0.1  # step
 
 
 @dataclass

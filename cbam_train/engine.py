@@ -105,6 +105,7 @@ class EpochResult:
     skipped: int  # batches skipped for a non-finite loss
     stopped: bool  # should_stop() ended the epoch early
     state: EpochState  # where it got: what a checkpoint of a stopped epoch saves
+    lr: Optional[float] = None  # the lr of the epoch's last optimizer step (param group 0), before the scheduler moved it
 
 
 def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup: EpochSetup,
@@ -122,6 +123,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
     bad_step = torch.zeros((), device=device, dtype=torch.long)  # first step with a non-finite loss; 0: none
     first, seen0, t0 = progress.step, progress.seen, time.perf_counter()
     stopped = False
+    last_lr = None
 
     def check_finite() -> None:
         if setup.nan_policy != "stop":
@@ -147,6 +149,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
         else:
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         backward_step(loss, opt, amp)
+        last_lr = opt.param_groups[0]["lr"]
         if setup.scheduler is not None:
             with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -176,7 +179,8 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
                             "learning rate (lr=...) or check the data")
     seen = max(progress.seen, 1)
     return EpochResult(loss=progress.loss_sum.item() / seen, acc=progress.correct.item() / seen, n=progress.seen,
-                       time_s=time.perf_counter() - t0, skipped=progress.skipped, stopped=stopped, state=progress)
+                       time_s=time.perf_counter() - t0, skipped=progress.skipped, stopped=stopped, state=progress,
+                       lr=last_lr)
 
 
 @torch.inference_mode()

@@ -26,9 +26,11 @@ class Stage:
     lr: float
     trainable: tuple
     first_epoch: int  # global 1-based epoch at which this stage starts in the full schedule
-    sched: str = "constant"  # lr within the stage: constant | cosine
+    sched: str = "constant"  # lr within the stage: constant | cosine | step
     warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine
+    step_size: int = 10  # step: epochs between lr drops
+    gamma: float = 0.1  # step: lr multiplier at each drop
 
     @property
     def last_epoch(self) -> int:
@@ -38,14 +40,19 @@ class Stage:
         return self.sched != "constant" or self.warmup_epochs > 0
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int, sched: str, min_lr_ratio: float) -> float:
-    """The lr multiplier for 0-based optimizer step `step` of a stage of `steps` steps: linear warm-up
-    over warmup_steps (1/w, 2/w, ..., 1), then constant or a half cosine down to min_lr_ratio at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if sched == "cosine":
-        t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps - 1))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+def lr_factor(step: int, stage: Stage, steps_per_epoch: int) -> float:
+    """The lr multiplier for 0-based optimizer step `step` of a stage: linear warm-up over its first
+    warmup_epochs (1/w, 2/w, ..., 1 per step), then constant, a half cosine down to min_lr_ratio at the
+    stage's last step, or gamma ** (epoch // step_size) with `epoch` counted from the stage's start: torch's
+    StepLR stepped once per epoch."""
+    steps, warmup = stage.epochs * steps_per_epoch, round(stage.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if stage.sched == "cosine":
+        t = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
+        return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if stage.sched == "step":
+        return stage.gamma ** ((step // steps_per_epoch) // stage.step_size)
     return 1.0
 
 
@@ -82,7 +89,8 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
                          trainable=tuple(stage_cfg.trainable),
                          first_epoch=first_epoch[names[i]], sched=sched.name if sched else "constant",
                          warmup_epochs=sched.warmup_epochs if sched else 0.0,
-                         min_lr_ratio=sched.min_lr_ratio if sched else 0.0))
+                         min_lr_ratio=sched.min_lr_ratio if sched else 0.0,
+                         step_size=sched.step_size if sched else 10, gamma=sched.gamma if sched else 0.1))
     return out
 
 
@@ -158,6 +166,4 @@ def stage_scheduler(opt: torch.optim.Optimizer, stage: Stage, steps_per_epoch: i
     """The per-step lr schedule inside a stage (schedule.stages.<name>.sched), or None for a constant lr."""
     if not stage.has_lr_schedule():
         return None
-    steps, warmup = stage.epochs * steps_per_epoch, round(stage.warmup_epochs * steps_per_epoch)
-    return LambdaLR(
-        opt, lambda k: lr_factor(k, steps, warmup, stage.sched, stage.min_lr_ratio))
+    return LambdaLR(opt, lambda k: lr_factor(k, stage, steps_per_epoch))

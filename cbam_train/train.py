@@ -151,7 +151,7 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
     val = distributed.broadcast(val, run.dist)  # each rank's BatchNorm statistics differ: rank 0's numbers decide
     stage = session.stage
     row = {"epoch": epoch, "stage": stage.index, "stage_name": stage.name,
-           "lr": session.optimizer.param_groups[0]["lr"], "train_loss": result.loss, "train_acc": result.acc,
+           "lr": result.lr if result.lr is not None else session.optimizer.param_groups[0]["lr"], "train_loss": result.loss, "train_acc": result.acc,
            "val_loss": val["loss"], "val_acc": val["acc"], "skipped_batches": result.skipped,
            "epoch_time_s": round(result.time_s, 4), "train_images_per_s": round(result.n / result.time_s, 2)}
     new_best = run.state.record(row)

@@ -151,12 +151,16 @@ def _check_schedule(cfg: Config) -> None:
         _positive(f"{key}.lr", stage.lr)
         if not stage.trainable:
             raise ConfigError(f"{key}.trainable is empty: list modules to train, or [all]")
-        _choice(f"{key}.sched.name", stage.sched.name, ("constant", "cosine"))
+        _choice(f"{key}.sched.name", stage.sched.name, ("constant", "cosine", "step"))
         _positive(f"{key}.sched.warmup_epochs", stage.sched.warmup_epochs, strict=False)
         if stage.sched.warmup_epochs > stage.epochs:
             raise ConfigError(f"{key}.sched.warmup_epochs={stage.sched.warmup_epochs} is longer than the stage "
                               f"({stage.epochs} epochs)")
         _in_range(f"{key}.sched.min_lr_ratio", stage.sched.min_lr_ratio, 0.0, 1.0)
+        if stage.sched.step_size < 1:
+            raise ConfigError(f"{key}.sched.step_size must be >= 1 (epochs), got {stage.sched.step_size}")
+        if not 0 < stage.sched.gamma <= 1:
+            raise ConfigError(f"{key}.sched.gamma must be in (0, 1], got {stage.sched.gamma}")
 
 
 def _check_optim(cfg: Config) -> None:

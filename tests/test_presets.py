@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from cbam_train.models import build_model
 from cbam_train.train import run
 from conftest import compose_config
 
+POST_MEAN, POST_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]  # the post's transforms.Normalize
 SMALL = ["data=synthetic", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
          "data.batch_size=16", "data.num_classes=10", "device=cpu", "log.mode=quiet"]
 
@@ -22,24 +24,53 @@ def test_seed_preset_is_the_recipe_as_published():
     assert [(n, s.epochs, s.lr, s.trainable) for n, s in cfg.schedule.stages.items()] == [
         ("head", 5, 1e-3, ["fc", "cbam"]), ("high", 15, 1e-4, ["fc", "cbam", "layer3", "layer4"]),
         ("full", 30, 1e-5, ["all"])]
+    assert (cfg.data.mean, cfg.data.std) == (POST_MEAN, POST_STD)
 
 
-def test_fast_preset_composes_to_its_documented_choices():
-    cfg = compose_config(["experiment=fast", "data.root=/x"])
-    assert not cfg.model.pretrained and cfg.model.cbam.init == "identity"
-    assert (cfg.optim.name, cfg.optim.nesterov, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", True, 0.9,
-                                                                                                5e-4)
-    assert cfg.data.batch_size == 512 and cfg.train.label_smoothing == 0.1 and cfg.eval.flip_tta
+def test_seed_code_preset_is_the_posts_code():
+    cfg = compose_config(["experiment=seed_code", "data.root=/x"])
+    assert cfg.model.pretrained and cfg.model.cbam.init == "seed" and cfg.model.stem == "cifar"
+    assert cfg.optim.name == "adam" and cfg.data.batch_size == 64 and cfg.augment.name == "seed"
     [(name, st)] = cfg.schedule.stages.items()
-    assert (name, st.epochs, st.lr, st.trainable) == ("all", 40, 0.4, ["all"])
-    assert (st.sched.name, st.sched.warmup_epochs) == ("cosine", 2.0)
-    assert cfg.augment.name == "flipcrop"
+    assert (name, st.epochs, st.lr, st.trainable) == ("all", 50, 1e-3, ["all"])
+    assert (st.sched.name, st.sched.step_size, st.sched.gamma, st.sched.warmup_epochs) == ("step", 10, 0.1, 0.0)
+    assert (cfg.data.mean, cfg.data.std) == (POST_MEAN, POST_STD)
+
+
+def test_seed_code_lr_per_epoch_is_torch_steplr_over_50_epochs():
+    """The lr of every epoch of the composed preset, as training steps it (3 steps an epoch stand in for
+    the 704 of CIFAR-10 at batch 64), against the post's StepLR(step_size=10, gamma=0.1) over 50 epochs."""
+    from torch import nn
+
+    from cbam_train.schedule import resolve_stages, stage_scheduler
+
+    cfg = compose_config(["experiment=seed_code", "data.root=/x"])
+    [stage] = resolve_stages(cfg.schedule.stages)
+    ours, theirs = (torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2))
+    sched, step_lr = stage_scheduler(ours, stage, 3), torch.optim.lr_scheduler.StepLR(theirs, 10, 0.1)
+    mine, post = [], []
+    for _epoch in range(stage.epochs):
+        mine.append(ours.param_groups[0]["lr"])
+        post.append(theirs.param_groups[0]["lr"])
+        for _ in range(3):
+            assert ours.param_groups[0]["lr"] == mine[-1]  # constant inside an epoch
+            ours.step(), sched.step()
+        theirs.step(), step_lr.step()
+    assert len(mine) == 50 and mine == pytest.approx(post, rel=1e-12, abs=0)  # float64 roundings only
+    assert mine[9] == 1e-3 and mine[10] == pytest.approx(1e-4) and mine[49] == pytest.approx(1e-7)
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=fast"]], ids=["default", "fast"])
+def test_other_cifar10_configs_keep_the_measured_std(overrides):
+    cfg = compose_config([*overrides, "data.root=/x"])
+    assert cfg.data.name == "cifar10" and cfg.data.std == [0.2470, 0.2435, 0.2616]
 
 
 @pytest.mark.parametrize("preset, extra", [
     ("smoke", []),
     ("seed", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=1"]),
     ("fast", ["schedule.stages.all.epochs=2", "schedule.stages.all.sched.warmup_epochs=1", "lr=0.05"]),
+    ("seed_code", ["schedule.stages.all.epochs=3", "schedule.stages.all.sched.step_size=2"]),
 ])
 @pytest.mark.slow
 def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
@@ -50,6 +81,10 @@ def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
     assert s["epochs_run"] == len(rows) >= 2 and all(r["train_loss"] == r["train_loss"] for r in rows)
     if preset == "fast":
         assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    if preset == "seed_code":  # every parameter trains from epoch 1; the lr drops after step_size epochs
+        assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-4])
+        assert s["stages"][0]["trainable_params"] == sum(p.numel() for p in build_model(
+            compose_config(["experiment=seed_code", *SMALL]).model).parameters())
 
 
 @pytest.mark.slow

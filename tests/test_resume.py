@@ -217,8 +217,13 @@ EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.
           "train.ema_decay=0.9", "train.label_smoothing=0.1", "eval.flip_tta=true"]
 
 
-@pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS)],
-                         ids=["memory", "torchvision", "memory+sched+ema"])
+STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step", "schedule.stages.high.sched.step_size=1",
+        "schedule.stages.high.sched.gamma=0.5", "schedule.stages.high.sched.warmup_epochs=0.5"]
+
+
+@pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS),
+                                           ("memory", STEP)],
+                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step"])
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
@@ -246,6 +251,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     train.run(compose_config(args + [f"resume={mid[0][2]}"]), tmp_path / "resumed")
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
+    if extra == STEP:  # a row's lr is its epoch's: stage 'high' (lr 1e-3) is epochs 2-3, one drop between them
+        assert [r["lr"] for r in rows(tmp_path / "resumed") if r["stage_name"] == "high"] == [1e-3, 0.5e-3]
 
 
 @pytest.mark.slow

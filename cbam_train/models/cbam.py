@@ -6,6 +6,12 @@ Two initialisations:
 - ``identity``: gates are ``2 * sigmoid(z)`` and the layer producing ``z`` starts at zero, so each
   gate is exactly 1.0 and CBAM(x) == x at initialisation; gradients still reach the zeroed layer
   (d gate / dz = 0.5 at z = 0), so attention is learned from a pass-through start.
+
+The spatial conv has a bias only under ``identity``. ``seed`` is the tutorial's network to the letter: its
+``SpatialAttention`` conv is ``bias=False``, and with no extra tensor the state dict maps one-to-one onto
+the post's (models/post.py). ``identity`` keeps the bias: with the conv's weights zeroed at the start, the
+bias is what lets the spatial gate learn a level of its own (the role the BatchNorm after the conv plays in
+the CBAM authors' code), and checkpoints saved with ``identity`` hold it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7, init: str = "identity") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=True)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=init == "identity")
         self.gain = 2.0 if init == "identity" else 1.0
         if init == "identity":
             nn.init.zeros_(self.conv.weight)
