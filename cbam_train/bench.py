@@ -19,7 +19,7 @@ from cbam_train.device import compile_for_stage, setup_device
 from cbam_train.engine import EpochSetup, backward_step, evaluate, forward_loss, train_one_epoch
 from cbam_train.optim import build_optimizer
 from cbam_train.report import Reporter
-from cbam_train.schedule import apply_stage
+from cbam_train.schedule import apply_stage, param_groups
 from cbam_train.startup import prepare_data, start_run
 
 
@@ -134,9 +134,9 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     rounds = 3  # alternate loop and bare measurements and keep each one's best: noise lands on neither side
     quiet = EpochSetup(device, amp, where="bench")  # no progress, one host sync per call
     for stage in stages:
-        params = apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
+        apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
         step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
-        opt = build_optimizer(params, cfg.optim, stage.lr)
+        opt = build_optimizer(param_groups(model, stage), cfg.optim, stage.lr)
         per_call = 1  # batches per timed call, set below so that one call takes a fraction of the budget
 
         def loop_step() -> int:  # the real training loop (device-side sums, one sync per call) on ready batches

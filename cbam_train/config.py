@@ -112,6 +112,10 @@ class StageConfig:
     lr: float = 1e-3
     trainable: List[str] = field(default_factory=lambda: ["all"])
     sched: SchedConfig = field(default_factory=SchedConfig)
+    # module path -> multiplier of the stage's lr ({layer1: 0.1, layer4.1: 0.5}); unlisted trainable modules: 1.0
+    lr_mult: Dict[str, float] = field(default_factory=dict)
+    # null, or in (0, 1]: fc gets the stage's lr and each step down (layer4, layer3, layer2, layer1, stem) x decay
+    layer_decay: Optional[float] = None
 
 
 @dataclass

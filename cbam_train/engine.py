@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam_train.device import Amp
+from cbam_train.optim import stage_lr
 
 
 class TrainingError(Exception):
@@ -105,7 +106,7 @@ class EpochResult:
     skipped: int  # batches skipped for a non-finite loss
     stopped: bool  # should_stop() ended the epoch early
     state: EpochState  # where it got: what a checkpoint of a stopped epoch saves
-    lr: Optional[float] = None  # the lr of the epoch's last optimizer step (param group 0), before the scheduler moved it
+    lr: Optional[float] = None  # the stage's lr (optim.stage_lr) at the epoch's last optimizer step
 
 
 def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup: EpochSetup,
@@ -149,7 +150,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
         else:
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         backward_step(loss, opt, amp)
-        last_lr = opt.param_groups[0]["lr"]
+        last_lr = stage_lr(opt)
         if setup.scheduler is not None:
             with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))

@@ -11,10 +11,12 @@ from torch import nn
 from cbam_train.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the given (trainable) parameters; fused kernels on CUDA by default."""
+def build_optimizer(params: Iterable, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """A fresh optimizer over exactly the given (trainable) parameters, or param groups with their own "lr"
+    (schedule.param_groups); fused kernels on CUDA by default."""
     params = list(params)
-    on_cuda = bool(params) and params[0].is_cuda
+    first = (params[0]["params"][0] if isinstance(params[0], dict) else params[0]) if params else None
+    on_cuda = first is not None and first.is_cuda
     fused = cfg.fused if cfg.fused is not None else (True if on_cuda else None)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -32,3 +34,10 @@ def build_ema(model: nn.Module, decay: Optional[float]) -> Optional[torch.optim.
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def stage_lr(opt: torch.optim.Optimizer) -> float:
+    """The stage's lr as the optimizer applies it now (warm-up and schedule included): the lr of a module with
+    multiplier 1.0, whether or not one is in a group."""
+    group = opt.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)

@@ -97,11 +97,18 @@ class Reporter:
     def stage_table(self, rows: list) -> None:
         self._stages = stage_spans(rows)
         t = Table(title="schedule")
-        for col in ("#", "stage", "epochs", "global epochs", "lr", "trainable", "trainable params"):
+        grouped = any(len(r.get("lr_groups", ())) > 1 for r in rows)  # lr_mult / layer_decay in some stage
+        cols = ("#", "stage", "epochs", "global epochs", "lr", "trainable", "trainable params") + (
+            ("lr per group",) if grouped else ())
+        for col in cols:
             t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
         for r in rows:
-            t.add_row(str(r["index"]), r["name"], str(r["epochs"]), f"{r['first_epoch']}-{r['last_epoch']}",
-                      fmt_lr(r["lr"]), ", ".join(r["trainable"]), f"{r['trainable_params']:,}")
+            cells = [str(r["index"]), r["name"], str(r["epochs"]), f"{r['first_epoch']}-{r['last_epoch']}",
+                     fmt_lr(r["lr"]), ", ".join(r["trainable"]), f"{r['trainable_params']:,}"]
+            if grouped:  # a stage with one group: its lr is the lr column's
+                cells.append("\n".join(f"{fmt_lr(g['lr'])} {', '.join(g['modules'])}" for g in r["lr_groups"])
+                             if len(r["lr_groups"]) > 1 else "")
+            t.add_row(*cells)
         self.print(t)
 
     def banner(self, text: str) -> None:

@@ -31,6 +31,8 @@ class Stage:
     min_lr_ratio: float = 0.0  # cosine
     step_size: int = 10  # step: epochs between lr drops
     gamma: float = 0.1  # step: lr multiplier at each drop
+    lr_mult: tuple = ()  # ((module path, multiplier of lr), ...)
+    layer_decay: Optional[float] = None  # lr x decay**depth (DEPTH): fc 0, layer4 1, ..., stem 5
 
     @property
     def last_epoch(self) -> int:
@@ -90,7 +92,68 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
                          first_epoch=first_epoch[names[i]], sched=sched.name if sched else "constant",
                          warmup_epochs=sched.warmup_epochs if sched else 0.0,
                          min_lr_ratio=sched.min_lr_ratio if sched else 0.0,
-                         step_size=sched.step_size if sched else 10, gamma=sched.gamma if sched else 0.1))
+                         step_size=sched.step_size if sched else 10, gamma=sched.gamma if sched else 0.1,
+                         lr_mult=tuple((getattr(stage_cfg, "lr_mult", None) or {}).items()),
+                         layer_decay=getattr(stage_cfg, "layer_decay", None)))
+    return out
+
+
+# Depth below the head, for layer_decay: fc 0, layer4 1, ..., layer1 4, the stem (conv1, bn1) 5.
+DEPTH = {"fc": 0, "layer4": 1, "layer3": 2, "layer2": 3, "layer1": 4}
+STEM_DEPTH = 5
+DEEPER_PATHS = "deeper paths work too, e.g. layer4.1, layer3.0.conv1 or cbam.layer4"
+
+
+def depth_of(param: str) -> int:
+    """A parameter's layer_decay depth; a CBAM module takes the depth of the layer it sits after (cbam.layerK)
+    or in (layerK.i.cbam)."""
+    parts = param.split(".")
+    top = parts[1] if parts[0] == "cbam" and len(parts) > 1 else parts[0]
+    return DEPTH.get(top, STEM_DEPTH)
+
+
+def _specificity(entry: str) -> tuple:
+    """Which of several matching lr_mult entries wins: the deeper path; 'cbam' beats a top-level name."""
+    return (entry.count(".") + 1, entry == "cbam")
+
+
+def lr_multiplier(param: str, stage: Stage) -> float:
+    """The stage's lr multiplier for one parameter: its most specific lr_mult entry (1.0 if none), times
+    layer_decay ** depth when layer_decay is set."""
+    matches = [(entry, mult) for entry, mult in stage.lr_mult if _selects(entry, param)]
+    mult = max(matches, key=lambda m: _specificity(m[0]))[1] if matches else 1.0
+    return mult * (stage.layer_decay ** depth_of(param) if stage.layer_decay is not None else 1.0)
+
+
+def _owner(param: str, stage: Stage) -> str:
+    """The name a parameter's param group lists it under: its lr_mult entry, else cbam.layerK or its top module."""
+    matches = [entry for entry, _ in stage.lr_mult if _selects(entry, param)]
+    if matches:
+        return max(matches, key=_specificity)
+    parts = param.split(".")
+    return ".".join(parts[:2]) if parts[0] == "cbam" else parts[0]
+
+
+def param_groups(model: nn.Module, stage: Stage) -> list:
+    """The stage's trainable parameters as optimizer param groups, one per distinct lr, in model order:
+    {"params", "lr", "lr_mult", "modules"} ("modules": the names the stage table shows)."""
+    trainable = set(trainable_parameters(model, stage.trainable))
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            continue
+        mult = lr_multiplier(name, stage)
+        group = groups.setdefault(mult, {"params": [], "lr": stage.lr * mult, "lr_mult": mult, "modules": []})
+        group["params"].append(p)
+        owner = _owner(name, stage)
+        if owner not in group["modules"]:
+            group["modules"].append(owner)
+    out = list(groups.values())
+    for group in out:  # every stage-placed CBAM in one group: listed as "cbam"
+        cbams = [m for m in group["modules"] if m.startswith("cbam.")]
+        if len(cbams) > 1 and not any(m.startswith("cbam.") for g in out if g is not group for m in g["modules"]):
+            group["modules"] = [m for m in group["modules"] if m not in cbams[1:]]
+            group["modules"][group["modules"].index(cbams[0])] = "cbam"
     return out
 
 
@@ -119,10 +182,19 @@ def check_trainable(model: nn.Module, stages: Mapping) -> None:
                 continue
             if entry == "cbam":  # the seed schedule names cbam; with CBAM off it simply selects nothing
                 continue
-            raise ConfigError(f"schedule.stages.{stage_name}.trainable: unknown module {entry!r}; known: {known}")
-        if not trainable_parameters(model, stage_cfg.trainable):
+            raise ConfigError(f"schedule.stages.{stage_name}.trainable: unknown module {entry!r}; known: {known}; "
+                              f"{DEEPER_PATHS}")
+        trained = trainable_parameters(model, stage_cfg.trainable)
+        if not trained:
             raise ConfigError(f"schedule.stages.{stage_name}.trainable={list(stage_cfg.trainable)} selects no "
                               f"parameters of this model (model.cbam.enabled=false?); known: {known}")
+        for entry in getattr(stage_cfg, "lr_mult", None) or {}:
+            key = f"schedule.stages.{stage_name}.lr_mult.{entry}"
+            if not any(_selects(entry, p) for p in params):
+                raise ConfigError(f"{key}: unknown module {entry!r}; known: {known}; {DEEPER_PATHS}")
+            if not any(_selects(entry, p) for p in trained):
+                raise ConfigError(f"{key}: {entry} does not train in this stage "
+                                  f"(trainable: {', '.join(stage_cfg.trainable)}); add it there or drop the entry")
 
 
 def trainable_parameters(model: nn.Module, trainable: Iterable[str]) -> list:
@@ -132,7 +204,7 @@ def trainable_parameters(model: nn.Module, trainable: Iterable[str]) -> list:
 
 
 def apply_stage(model: nn.Module, trainable: Iterable[str], freeze_bn: bool = True) -> list:
-    """Set requires_grad for a stage and return its trainable parameters (for the optimizer).
+    """Set requires_grad for a stage and return its trainable parameters.
 
     With freeze_bn, BatchNorm layers whose parameters are all frozen stay in eval mode whenever the
     model is put in train mode (see ResNetCBAM.train), so their running statistics stop changing too.

@@ -19,7 +19,7 @@ from cbam_train.engine import EpochSetup
 from cbam_train.optim import build_optimizer
 from cbam_train.report import Reporter
 from cbam_train.run_state import RunState
-from cbam_train.schedule import Stage, apply_stage, stage_scheduler
+from cbam_train.schedule import Stage, apply_stage, param_groups, stage_scheduler
 from cbam_train.stopper import Stopper
 
 
@@ -65,8 +65,8 @@ def open_stage(run: Run, stage: Stage) -> StageSession:
     """Unfreeze the stage's modules; a fresh optimizer and lr schedule over them (a resumed stage's state put
     back); a new DDP wrapper and compiled graph, which both fix the trainable parameters when they are built."""
     cfg = run.cfg
-    params = apply_stage(run.model, stage.trainable, cfg.schedule.freeze_bn)
-    optimizer = build_optimizer(params, cfg.optim, stage.lr)
+    apply_stage(run.model, stage.trainable, cfg.schedule.freeze_bn)
+    optimizer = build_optimizer(param_groups(run.model, stage), cfg.optim, stage.lr)
     scheduler = stage_scheduler(optimizer, stage, len(run.loaders.train))
     run.state.restore_stage(stage.name, optimizer, scheduler, str(run.resumed_from))
     step_model = distributed.wrap(run.model, run.dist, run.device)

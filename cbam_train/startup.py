@@ -22,7 +22,8 @@ from cbam_train.models import build_model
 from cbam_train.report import Reporter, check_tensorboard
 from cbam_train.resume import Resume
 from cbam_train.rundir import RUN_FILES, claim_run_dir
-from cbam_train.schedule import check_trainable, frozen_new_modules, module_names, resolve_stages, trainable_parameters
+from cbam_train.schedule import (check_trainable, frozen_new_modules, module_names, param_groups, resolve_stages,
+                                 trainable_parameters)
 
 
 @dataclass
@@ -129,5 +130,6 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
         rows.append({"index": stage.index, "name": stage.name, "epochs": stage.epochs, "lr": stage.lr,
                      "trainable": list(stage.trainable),
                      "trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in names),
-                     "first_epoch": stage.first_epoch, "last_epoch": stage.last_epoch})
+                     "first_epoch": stage.first_epoch, "last_epoch": stage.last_epoch,
+                     "lr_groups": [{"lr": g["lr"], "modules": g["modules"]} for g in param_groups(model, stage)]})
     return rows

@@ -16,7 +16,7 @@ from cbam_train.config import Config, UserError
 from cbam_train.device import setup_device
 from cbam_train.engine import EpochResult, TrainingError, evaluate, train_one_epoch
 from cbam_train.interrupt import Interrupted, StopRequest
-from cbam_train.optim import build_ema
+from cbam_train.optim import build_ema, stage_lr
 from cbam_train.resume import check_resume, find_resume
 from cbam_train.run_state import RunParts, RunState
 from cbam_train.session import Run, StageSession, open_stage
@@ -151,7 +151,7 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
     val = distributed.broadcast(val, run.dist)  # each rank's BatchNorm statistics differ: rank 0's numbers decide
     stage = session.stage
     row = {"epoch": epoch, "stage": stage.index, "stage_name": stage.name,
-           "lr": result.lr if result.lr is not None else session.optimizer.param_groups[0]["lr"], "train_loss": result.loss, "train_acc": result.acc,
+           "lr": result.lr if result.lr is not None else stage_lr(session.optimizer), "train_loss": result.loss, "train_acc": result.acc,
            "val_loss": val["loss"], "val_acc": val["acc"], "skipped_batches": result.skipped,
            "epoch_time_s": round(result.time_s, 4), "train_images_per_s": round(result.n / result.time_s, 2)}
     new_best = run.state.record(row)
@@ -181,7 +181,7 @@ def finish(run: Run, t_start: float) -> dict:
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
                "epochs_run": len(state.history), "wall_time_s": round(time.perf_counter() - t_start, 3),
                "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-               "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params")}
+               "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params", "lr_groups")}
                           for r in run.stage_rows],
                "weights": "ema" if run.ema is not None else "final",
                "device": str(run.device), "loader": loaders.kind, "precision": run.amp.name,

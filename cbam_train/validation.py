@@ -161,6 +161,10 @@ def _check_schedule(cfg: Config) -> None:
             raise ConfigError(f"{key}.sched.step_size must be >= 1 (epochs), got {stage.sched.step_size}")
         if not 0 < stage.sched.gamma <= 1:
             raise ConfigError(f"{key}.sched.gamma must be in (0, 1], got {stage.sched.gamma}")
+        for module, mult in stage.lr_mult.items():
+            _positive(f"{key}.lr_mult.{module}", mult)
+        if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
+            raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {stage.layer_decay}")
 
 
 def _check_optim(cfg: Config) -> None:

@@ -218,12 +218,13 @@ EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.
 
 
 STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step", "schedule.stages.high.sched.step_size=1",
-        "schedule.stages.high.sched.gamma=0.5", "schedule.stages.high.sched.warmup_epochs=0.5"]
+        "schedule.stages.high.sched.gamma=0.5", "schedule.stages.high.sched.warmup_epochs=0.5",
+        "+schedule.stages.high.lr_mult={layer3:0.1,layer4.1:0.5}", "schedule.stages.high.layer_decay=0.8"]
 
 
 @pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS),
                                            ("memory", STEP)],
-                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step"])
+                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step+lr-groups"])
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
@@ -253,6 +254,9 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
     if extra == STEP:  # a row's lr is its epoch's: stage 'high' (lr 1e-3) is epochs 2-3, one drop between them
         assert [r["lr"] for r in rows(tmp_path / "resumed") if r["stage_name"] == "high"] == [1e-3, 0.5e-3]
+        groups = torch.load(mid[0][2], weights_only=True)["optimizer"]["param_groups"]
+        assert sorted(g["lr_mult"] for g in groups) == pytest.approx(sorted(
+            [1.0, 0.8, 0.8 * 0.5, 0.8 ** 2, 0.8 ** 2 * 0.1, 0.8 ** 3, 0.8 ** 4]))  # the checkpoint holds the groups
 
 
 @pytest.mark.slow
