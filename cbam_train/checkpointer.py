@@ -14,10 +14,9 @@ from cbam_train.rng import capture_rng
 from cbam_train.run_state import RunParts, RunState
 
 
-def checkpoint_names(epoch: int, every: int, stage: Any, new_best: bool) -> list:
+def checkpoint_names(epoch: int, every: int, stage: Any, new_best: bool, stage_end: bool) -> list:
     """Files an epoch end writes: last.pt every `every` epochs, at the stage's end and on a new best (then
     also best.pt), stage<k>-<name>.pt at the stage's end; none when every=0."""
-    stage_end = epoch == stage.last_epoch
     if not every or not (epoch % every == 0 or stage_end or new_best):
         return []
     return ["last.pt"] + ["best.pt"] * new_best + [f"stage{stage.index}-{stage.name}.pt"] * stage_end
@@ -42,9 +41,9 @@ class Checkpointer:
         """last.pt with the epoch so far (every train.checkpoint_every_n_steps, and on a stop request)."""
         self._save(["last.pt"], state, session, partial, self._epoch_rng)
 
-    def epoch_end(self, state: RunState, session: Any, new_best: bool, stopping: bool) -> None:
+    def epoch_end(self, state: RunState, session: Any, new_best: bool, stage_end: bool, stopping: bool) -> None:
         """The files checkpoint_names says for this epoch end; at least last.pt when the run is stopping."""
-        names = checkpoint_names(state.epoch, self.every_n_epochs, session.stage, new_best)
+        names = checkpoint_names(state.epoch, self.every_n_epochs, session.stage, new_best, stage_end)
         if names or stopping:
             self._save(names or ["last.pt"], state, session, None, capture_rng(self.generators))
 

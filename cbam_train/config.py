@@ -107,6 +107,14 @@ class SchedConfig:
 
 
 @dataclass
+class PlateauConfig:
+    patience: Optional[int] = None  # epochs without an improvement that end the stage; null: off
+    min_delta: float = 0.0  # an improvement must beat the stage's best by more than this
+    metric: str = "val_acc"  # val_acc | val_loss
+    restore_best: bool = True  # when the stage ends, load its best weights (before the next stage / the test)
+
+
+@dataclass
 class StageConfig:
     epochs: int = 1
     lr: float = 1e-3
@@ -116,6 +124,8 @@ class StageConfig:
     lr_mult: Dict[str, float] = field(default_factory=dict)
     # null, or in (0, 1]: fc gets the stage's lr and each step down (layer4, layer3, layer2, layer1, stem) x decay
     layer_decay: Optional[float] = None
+    # end the stage early, epochs then being a maximum: on once until_plateau.patience is set (null or patience null: off)
+    until_plateau: Optional[PlateauConfig] = field(default_factory=PlateauConfig)
 
 
 @dataclass

@@ -29,9 +29,11 @@ def _save(fig, path: Path) -> None:
 def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch (train vs val), each stage a shaded band with its name, lr on a
     secondary log axis. `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
-    first_epoch, last_epoch, lr), so a running job already shows the whole schedule."""
+    first_epoch, last_epoch, lr, epochs), so a running job already shows the whole schedule (moved up where a
+    plateau ended a stage early)."""
     fig = _figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
+    stages = actual_spans(stages, rows)
     epochs = [r["epoch"] for r in rows]
     last = max([s["last_epoch"] for s in stages] + epochs + [1])
     first = min([s["first_epoch"] for s in stages] + epochs + [1])
@@ -103,8 +105,23 @@ def short_number(value: str) -> str:
 
 def stage_spans(stage_rows: list) -> list:
     """The schedule rows a run prints, reduced to what draw_curves needs."""
-    return [{"name": r["name"], "first_epoch": r["first_epoch"], "last_epoch": r["last_epoch"], "lr": r["lr"]}
-            for r in stage_rows]
+    return [{"name": r["name"], "first_epoch": r["first_epoch"], "last_epoch": r["last_epoch"], "lr": r["lr"],
+             "epochs": r["epochs"]} for r in stage_rows]
+
+
+def actual_spans(planned: list, rows: list) -> list:
+    """The stages' epoch spans as they ran (a plateau ends a stage early, and the later ones move up): a stage
+    with rows spans them, to its planned length while it runs; one still to come follows the previous one."""
+    out, next_first = [], None
+    for s in planned:
+        epochs = [r["epoch"] for r in rows if r.get("stage_name") == s["name"]]
+        first = min(epochs) if epochs else (next_first if next_first is not None else s["first_epoch"])
+        ended = bool(epochs) and any(r.get("stage_end") for r in rows
+                                     if r.get("stage_name") == s["name"] and r["epoch"] == max(epochs))
+        last = max(epochs) if ended else first + s.get("epochs", s["last_epoch"] - s["first_epoch"] + 1) - 1
+        out.append({**s, "first_epoch": first, "last_epoch": last})
+        next_first = last + 1
+    return out
 
 
 def safe_draw(draw: Callable[[], None], what: Path, warn: Callable[[str], None]) -> bool:

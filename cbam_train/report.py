@@ -103,7 +103,8 @@ class Reporter:
         for col in cols:
             t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
         for r in rows:
-            cells = [str(r["index"]), r["name"], str(r["epochs"]), f"{r['first_epoch']}-{r['last_epoch']}",
+            upto = "<=" if r.get("until_plateau") else ""  # a plateau may end the stage sooner
+            cells = [str(r["index"]), r["name"], f"{upto}{r['epochs']}", f"{r['first_epoch']}-{upto}{r['last_epoch']}",
                      fmt_lr(r["lr"]), ", ".join(r["trainable"]), f"{r['trainable_params']:,}"]
             if grouped:  # a stage with one group: its lr is the lr column's
                 cells.append("\n".join(f"{fmt_lr(g['lr'])} {', '.join(g['modules'])}" for g in r["lr_groups"])

@@ -14,7 +14,10 @@ checked by checkpoint.load_checkpoint) holds, and a resume puts back:
   stage, stage_name,         the stage it was taken in and that stage's optimizer and lr-schedule state:
   optimizer, scheduler       staged, loaded when the first stage opens if it is that stage (restore_stage)
   epoch, history,            the last finished epoch, the metrics rows, the best val accuracy: the loop
-  best_val_acc               continues from them (the RunState's own fields)
+  best_val_acc               continues from them (the RunState's own fields); which stages are done, and where
+                             the next epoch starts, follow from the rows' stage_name and stage_end
+  stage_best                 until_plateau with restore_best: the open stage's best weights so far (model,
+                             EMA) and their epoch; None otherwise (the RunState's own field)
 
 `rng_ranks` / `partial_ranks` hold every rank's (data-parallel runs); `rng` / `partial` are rank 0's.
 """
@@ -53,6 +56,7 @@ class RunState:
     history: list = field(default_factory=list)  # metrics rows, one per finished epoch
     best_val_acc: Optional[float] = None
     checkpoint: Optional[dict] = None  # the checkpoint resumed from (None: a fresh run)
+    stage_best: Optional[dict] = None  # {"stage_name", "epoch", "model", "ema"}: CPU copies (plateau.restore_best)
     _staged_optimizer: Optional[dict] = None  # stage_name, optimizer, scheduler: for the first stage that opens
     _staged_partial: Optional[EpochState] = None  # a mid-epoch checkpoint's running sums, for the first epoch
 
@@ -64,7 +68,7 @@ class RunState:
     def from_checkpoint(cls, ckpt: dict) -> "RunState":
         """The progress in a checkpoint read by checkpoint.load_checkpoint (format and version already checked)."""
         staged = {k: ckpt.get(k) for k in ("stage_name", "optimizer", "scheduler")}
-        return cls(ckpt["epoch"], list(ckpt["history"]), ckpt["best_val_acc"], ckpt, staged)
+        return cls(ckpt["epoch"], list(ckpt["history"]), ckpt["best_val_acc"], ckpt, ckpt.get("stage_best"), staged)
 
     def record(self, row: dict) -> bool:
         """A finished epoch's metrics row; True when its val_acc is a new best."""
@@ -75,6 +79,28 @@ class RunState:
         return new_best
 
     # -- reading
+    def stage_rows(self, name: str) -> list:
+        """The metrics rows of one stage so far."""
+        return [r for r in self.history if r["stage_name"] == name]
+
+    def stage_done(self, stage: Any) -> bool:
+        """Whether a stage has ended: on a plateau, or after its `epochs` (which a resume may have raised)."""
+        rows = self.stage_rows(stage.name)
+        return bool(rows) and (rows[-1].get("stage_end") == "plateau" or len(rows) >= stage.epochs)
+
+    def reopen_extended(self, stages: list) -> None:
+        """A resume that raised a stage's `epochs` ("to train longer"): its last row no longer ends it, as in a
+        run planned that long from the start."""
+        for stage in stages:
+            rows = self.stage_rows(stage.name)
+            if rows and rows[-1].get("stage_end") == "epochs" and len(rows) < stage.epochs:
+                rows[-1]["stage_end"] = None
+
+    def next_epoch(self, stage: Any) -> int:
+        """The global number of the next epoch: one after the last that ran, or the stage's planned first epoch
+        in a run that has none yet (stage=2 counts from 6 in the seed schedule)."""
+        return self.epoch + 1 if self.history else stage.first_epoch
+
     @property
     def step(self) -> int:
         """Batches of epoch `epoch + 1` done when the checkpoint was taken (0: at an epoch end)."""
@@ -151,6 +177,7 @@ class RunState:
                 "step": partial.step if partial is not None else 0,
                 "partial": partial.to_dict() if partial is not None else None,
                 "rng": rng_ranks[0], "history": list(self.history), "best_val_acc": self.best_val_acc,
+                "stage_best": self.stage_best,
                 "config": parts.config, "overrides": list(parts.overrides), "data": parts.data,
                 "world": parts.world, "rng_ranks": rng_ranks, "partial_ranks": partial_ranks}
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from cbam_train.config import ConfigError
+from cbam_train.config import ConfigError, PlateauConfig
 
 SPECIAL = ("all", "cbam")  # all: every parameter; cbam: every CBAM module wherever it is placed
 
@@ -33,6 +33,7 @@ class Stage:
     gamma: float = 0.1  # step: lr multiplier at each drop
     lr_mult: tuple = ()  # ((module path, multiplier of lr), ...)
     layer_decay: Optional[float] = None  # lr x decay**depth (DEPTH): fc 0, layer4 1, ..., stem 5
+    plateau: Optional[PlateauConfig] = None  # until_plateau: `epochs` is then a maximum
 
     @property
     def last_epoch(self) -> int:
@@ -94,7 +95,8 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
                          min_lr_ratio=sched.min_lr_ratio if sched else 0.0,
                          step_size=sched.step_size if sched else 10, gamma=sched.gamma if sched else 0.1,
                          lr_mult=tuple((getattr(stage_cfg, "lr_mult", None) or {}).items()),
-                         layer_decay=getattr(stage_cfg, "layer_decay", None)))
+                         layer_decay=getattr(stage_cfg, "layer_decay", None),
+                         plateau=_plateau(getattr(stage_cfg, "until_plateau", None))))
     return out
 
 
@@ -155,6 +157,11 @@ def param_groups(model: nn.Module, stage: Stage) -> list:
             group["modules"] = [m for m in group["modules"] if m not in cbams[1:]]
             group["modules"][group["modules"].index(cbams[0])] = "cbam"
     return out
+
+
+def _plateau(cfg: Optional[PlateauConfig]) -> Optional[PlateauConfig]:
+    """until_plateau when it is on (a patience is set), else None."""
+    return cfg if cfg is not None and cfg.patience is not None else None
 
 
 def module_names(model: nn.Module) -> list:

@@ -77,6 +77,8 @@ def open_stage(run: Run, stage: Stage) -> StageSession:
                        should_stop=run.stopper.after_step, checkpoint_every=cfg.train.checkpoint_every_n_steps,
                        any_rank=run.stopper.any_rank, accumulate_steps=cfg.train.accumulate_steps,
                        grad_clip_norm=cfg.train.grad_clip_norm)
-    run.rep.banner(f"stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}': {stage.epochs} epoch(s), "
+    length = f"{stage.epochs} epoch(s)" if stage.plateau is None else (
+        f"up to {stage.epochs} epoch(s), until {stage.plateau.metric} plateaus (patience {stage.plateau.patience})")
+    run.rep.banner(f"stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}': {length}, "
                    f"lr {stage.lr:.2e}, training {', '.join(stage.trainable)}")
     return StageSession(stage, optimizer, scheduler, step_model, setup)

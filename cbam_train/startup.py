@@ -58,7 +58,9 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     error = None
     if dist.is_main:
         try:
-            claim_run_dir(run_dir, record, required, resume, stages[-1].last_epoch)
+            finished = resume is not None and resume.state is not None and all(
+                resume.state.stage_done(stage) for stage in stages)
+            claim_run_dir(run_dir, record, required, resume, finished)
         except UserError as e:
             error = e
     if dist.enabled:  # the other ranks must not wait in a collective for a rank 0 that gave up
@@ -128,6 +130,7 @@ def stage_table_rows(model: nn.Module, stages: list) -> list:
     for stage in stages:
         names = set(trainable_parameters(model, stage.trainable))
         rows.append({"index": stage.index, "name": stage.name, "epochs": stage.epochs, "lr": stage.lr,
+                     "until_plateau": stage.plateau is not None,
                      "trainable": list(stage.trainable),
                      "trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in names),
                      "first_epoch": stage.first_epoch, "last_epoch": stage.last_epoch,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cbam_train import distributed
+from cbam_train import distributed, plateau
 from cbam_train.atomic import atomic_save
 from cbam_train.checkpoint import CheckpointError, cpu_snapshot
 from cbam_train.checkpointer import Checkpointer
@@ -19,6 +19,7 @@ from cbam_train.interrupt import Interrupted, StopRequest
 from cbam_train.optim import build_ema, stage_lr
 from cbam_train.resume import check_resume, find_resume
 from cbam_train.run_state import RunParts, RunState
+from cbam_train.schedule import Stage
 from cbam_train.session import Run, StageSession, open_stage
 from cbam_train.startup import Started, load_weights, prepare_data, stage_table_rows, start_run
 from cbam_train.stopper import Stopper
@@ -71,6 +72,10 @@ def set_up(cfg: Config, run_dir: Path, started: Started, overrides: list, stoppe
     dist = started.dist
     splits, loaders = prepare_data(cfg, started.device, started.rep, (dist.rank, dist.world))
     try:
+        waits = [s.name for s in started.stages if s.plateau is not None]
+        if waits and len(splits.val) == 0:
+            raise UserError(f"schedule.stages.{waits[0]}.until_plateau needs validation metrics, but the validation "
+                            "split is empty; set data.val_size > 0 or turn until_plateau off")
         if dist.enabled:
             started.rep.print(f"data-parallel: {dist.world} processes, global batch "
                               f"{cfg.data.batch_size * dist.world} ({cfg.data.batch_size} per process), "
@@ -93,6 +98,7 @@ def _restore(cfg: Config, run_dir: Path, started: Started, overrides: list, stop
     if resumed:
         check_resume(state, dataclasses.asdict(cfg), data, dist.world, str(resume.path), rep.warn)
         state.restore_model(model, f"resume={resume.path}")
+        state.reopen_extended(started.stages)
     else:
         load_weights(cfg, model, started.stages, rep)
     model = distributed.sync_batchnorm(model, dist, started.device, cfg.device.sync_bn)
@@ -113,13 +119,14 @@ def _restore(cfg: Config, run_dir: Path, started: Started, overrides: list, stop
 
 
 def fit(run: Run) -> None:
-    """The recipe: each stage not yet done, each of its epochs not yet done: train, validate, record,
-    checkpoint. A stop request checkpoints and ends the run at the next step or epoch end."""
+    """The recipe: each stage not yet done, each of its epochs until it ends (its epochs, or a plateau): train,
+    validate, record, checkpoint. A stop request checkpoints and ends the run at the next step or epoch end."""
     with run.checkpointer:
         run.stopper.arm()
-        for stage in (s for s in run.stages if s.last_epoch > run.state.epoch):
+        for stage in (s for s in run.stages if not run.state.stage_done(s)):
             session = open_stage(run, stage)
-            for epoch in range(max(stage.first_epoch, run.state.epoch + 1), stage.last_epoch + 1):
+            while not run.state.stage_done(stage):
+                epoch = run.state.next_epoch(stage)
                 where = f"epoch {epoch} ({stage.name})"
                 result = train_epoch(run, session, where)
                 if result.stopped:  # mid-epoch: last.pt holds the epoch so far
@@ -156,12 +163,43 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
            "epoch_time_s": round(result.time_s, 4), "train_images_per_s": round(result.n / result.time_s, 2)}
     if run.cfg.train.grad_clip_norm is not None:
         row["clipped_steps"] = result.clipped  # optimizer steps whose gradient norm was over the limit
+    row["stage_end"] = plateau.stage_end(run.state.stage_rows(stage.name) + [row], stage.epochs, stage.plateau)
     new_best = run.state.record(row)
     run.rep.epoch(row)
     if result.skipped:
         run.rep.warn(f"epoch {epoch} ({stage.name}): skipped {result.skipped} batch(es) with a non-finite loss "
                      "(train.nan_policy)")
-    run.checkpointer.epoch_end(run.state, session, new_best, stopping=run.stopper.at_epoch_end())
+    if stage.plateau is not None and stage.plateau.restore_best:
+        keep_stage_best(run, stage)
+    if row["stage_end"]:
+        end_stage(run, stage, row["stage_end"])
+    run.checkpointer.epoch_end(run.state, session, new_best, stage_end=bool(row["stage_end"]),
+                               stopping=run.stopper.at_epoch_end())
+
+
+def keep_stage_best(run: Run, stage: Stage) -> None:
+    """After an epoch of a restore_best plateau stage: a CPU copy of the weights if this epoch is its best."""
+    rows = run.state.stage_rows(stage.name)
+    if plateau.best_so_far(rows, stage.plateau)[1] == rows[-1]["epoch"]:
+        run.state.stage_best = {"stage_name": stage.name, "epoch": rows[-1]["epoch"],
+                                "model": cpu_snapshot(run.model.state_dict()),
+                                "ema": cpu_snapshot(run.ema.state_dict()) if run.ema is not None else None}
+
+
+def end_stage(run: Run, stage: Stage, why: str) -> None:
+    """Say why the stage ended; with restore_best, put its best weights back (before the next stage or test)."""
+    rows = run.state.stage_rows(stage.name)
+    reason = plateau.describe(rows, stage.plateau) if why == "plateau" else f"its maximum of {stage.epochs} epoch(s) ran"
+    best, run.state.stage_best = run.state.stage_best, None
+    restored = ""
+    if best is not None and best["stage_name"] == stage.name and best["epoch"] != rows[-1]["epoch"]:
+        run.model.load_state_dict(best["model"])
+        if run.ema is not None and best["ema"] is not None:
+            run.ema.load_state_dict(best["ema"])
+        restored = f"; restored the weights of epoch {best['epoch']}"
+    if stage.plateau is not None:  # a stage without one ends where the schedule table said
+        run.rep.print(f"stage '{stage.name}' ended at epoch {rows[-1]['epoch']} after {len(rows)} epoch(s): "
+                      f"{reason}{restored}")
 
 
 def finish(run: Run, t_start: float) -> dict:
@@ -183,11 +221,16 @@ def finish(run: Run, t_start: float) -> dict:
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
                "epochs_run": len(state.history), "wall_time_s": round(time.perf_counter() - t_start, 3),
                "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-               "stages": [{k: r[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params", "lr_groups")}
-                          for r in run.stage_rows],
+               "stages": [stage_summary(r, state.stage_rows(r["name"])) for r in run.stage_rows],
                "weights": "ema" if run.ema is not None else "final",
                "device": str(run.device), "loader": loaders.kind, "precision": run.amp.name,
                "classes": run.splits.classes, "data_mean": list(run.splits.mean), "data_std": list(run.splits.std),
                "config": dataclasses.asdict(cfg)}
     run.rep.summary(summary)
     return summary
+
+
+def stage_summary(table_row: dict, rows: list) -> dict:
+    """summary.json's entry for a stage: its settings, the epochs it actually ran and why it ended."""
+    out = {k: table_row[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params", "lr_groups")}
+    return {**out, "epochs_run": len(rows), "ended": rows[-1].get("stage_end") if rows else None}

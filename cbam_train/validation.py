@@ -165,6 +165,11 @@ def _check_schedule(cfg: Config) -> None:
             _positive(f"{key}.lr_mult.{module}", mult)
         if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
             raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {stage.layer_decay}")
+        if stage.until_plateau is not None and stage.until_plateau.patience is not None:
+            if stage.until_plateau.patience < 1:
+                raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {stage.until_plateau.patience}")
+            _positive(f"{key}.until_plateau.min_delta", stage.until_plateau.min_delta, strict=False)
+            _choice(f"{key}.until_plateau.metric", stage.until_plateau.metric, ("val_acc", "val_loss"))
 
 
 def _check_optim(cfg: Config) -> None:

@@ -60,6 +60,22 @@ def test_seed_code_lr_per_epoch_is_torch_steplr_over_50_epochs():
     assert mine[9] == 1e-3 and mine[10] == pytest.approx(1e-4) and mine[49] == pytest.approx(1e-7)
 
 
+def test_finetune_preset_composes_to_its_documented_choices():
+    from cbam_train.schedule import resolve_stages
+
+    cfg = compose_config(["experiment=finetune", "data.root=/x"])
+    assert cfg.model.pretrained and cfg.model.cbam.init == "identity" and cfg.schedule.freeze_bn
+    head, high, full = resolve_stages(cfg.schedule.stages)
+    assert {"conv1", "bn1"} <= set(head.trainable) and {"conv1", "bn1"} <= set(high.trainable)
+    assert (head.epochs, high.epochs, full.epochs) == (3, 15, 30) and (head.lr, high.lr, full.lr) == (1e-3, 5e-4, 2e-4)
+    assert (head.layer_decay, high.layer_decay, full.layer_decay) == (None, 0.7, 0.7)
+    assert head.plateau is None and (high.plateau.patience, high.plateau.metric) == (3, "val_acc")
+    assert (full.plateau.patience, full.plateau.metric, full.plateau.min_delta) == (5, "val_loss", 0.001)
+    assert high.plateau.restore_best and full.plateau.restore_best
+    assert (full.sched, full.warmup_epochs, full.min_lr_ratio) == ("cosine", 1.0, 0.01)
+    assert cfg.train.grad_clip_norm == 1.0 and cfg.train.label_smoothing == 0.1 and cfg.data.batch_size == 128
+
+
 @pytest.mark.parametrize("overrides", [[], ["experiment=fast"]], ids=["default", "fast"])
 def test_other_cifar10_configs_keep_the_measured_std(overrides):
     cfg = compose_config([*overrides, "data.root=/x"])
@@ -71,6 +87,8 @@ def test_other_cifar10_configs_keep_the_measured_std(overrides):
     ("seed", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=1"]),
     ("fast", ["schedule.stages.all.epochs=2", "schedule.stages.all.sched.warmup_epochs=1", "lr=0.05"]),
     ("seed_code", ["schedule.stages.all.epochs=3", "schedule.stages.all.sched.step_size=2"]),
+    ("finetune", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=2",
+                  "schedule.stages.full.until_plateau.patience=1", "data.batch_size=16"]),
 ])
 @pytest.mark.slow
 def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
@@ -81,6 +99,11 @@ def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
     assert s["epochs_run"] == len(rows) >= 2 and all(r["train_loss"] == r["train_loss"] for r in rows)
     if preset == "fast":
         assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    if preset == "finetune":
+        # full: its first epoch is always an improvement, so it runs both; the second decides why it ended
+        assert [r["stage_end"] for r in rows][:3] == ["epochs", "epochs", None] and len(rows) == 4
+        assert rows[-1]["stage_end"] == ("epochs" if rows[-1]["val_loss"] < rows[-2]["val_loss"] - 0.001 else "plateau")
+        assert all(r.get("clipped_steps") is not None for r in rows)  # train.grad_clip_norm is on
     if preset == "seed_code":  # every parameter trains from epoch 1; the lr drops after step_size epochs
         assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-4])
         assert s["stages"][0]["trainable_params"] == sum(p.numel() for p in build_model(
