@@ -190,6 +190,17 @@ class BenchConfig:
 
 
 @dataclass
+class LrFindConfig:
+    """task=lr_find: an exponential lr sweep over one stage (the stage's lr, every group keeping its lr_mult)."""
+
+    min_lr: float = 1e-7  # the first step's lr
+    max_lr: float = 1.0  # the last step's lr, unless the loss diverges first
+    steps: int = 100  # optimizer steps (batches) from min_lr to max_lr; the training loader repeats if needed
+    smooth: float = 0.9  # EMA factor of the loss, bias-corrected (as fastai's); 0: no smoothing
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this x the best smoothed loss so far
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,6 +214,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
