@@ -221,11 +221,11 @@ class Config:
     resume: Optional[str] = None  # a run dir or checkpoint file: continue that run exactly (into its run dir)
     checkpoint: Optional[str] = None  # task=eval: a model.pt or checkpoint file
     seed: int = 0
-    task: str = "train"  # train | eval | bench
+    task: str = "train"  # train | eval | bench | lr_find
     optimized_metric: str = "best_val_acc"  # task=train: the summary.json field returned to a sweeper (Optuna)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train", "eval", "bench")
+TASKS = ("train", "eval", "bench", "lr_find")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

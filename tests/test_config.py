@@ -61,6 +61,7 @@ from conftest import compose_config
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.val_size=-1", "data.val_size must be >= 0"),
     ("data.limit=0", "data.limit must be > 0"),
+    ("task=tune", "task: unknown value 'tune'; choose one of: train, eval, bench, lr_find"),
     ("lr_find.min_lr=-1e-7", "lr_find.min_lr must be > 0"),
     ("lr_find.max_lr=1e-7", "lr_find.max_lr must be > lr_find.min_lr (1e-07)"),
     ("lr_find.steps=9", "lr_find.steps must be >= 10"),
@@ -77,7 +78,7 @@ def test_bad_values_raise_config_error_naming_the_key(override, message):
 
 @pytest.mark.parametrize("overrides", [[], ["experiment=smoke"], ["optim=sgd", "augment=none", "device=cpu"],
                                        ["data=imagefolder", "data.root=/x", "model.num_classes=3"],
-                                       ["task=bench", "device=cuda"]])
+                                       ["task=bench", "device=cuda"], ["task=lr_find", "experiment=smoke"]])
 def test_shipped_configs_validate(overrides):
     cfg = compose_config(overrides)
     assert list(cfg.schedule.stages) == ["head", "high", "full"]
