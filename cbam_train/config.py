@@ -169,6 +169,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy target smoothing in training (evaluation loss is plain)
     ema_decay: Optional[float] = None  # e.g. 0.999: evaluate and save an exponential moving average of the
     # weights (and BatchNorm statistics), updated after every step; null: off
+    grad_clip_norm: Optional[float] = None  # clip the gradients' total L2 norm to this before each step; null: off
+    accumulate_steps: int = 1  # batches per optimizer step: effective batch = data.batch_size x this
 
 
 @dataclass

@@ -3,6 +3,7 @@ shared by training and the benchmark. Device and precision live in device.py, th
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -34,13 +35,42 @@ def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp, l
 def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, amp: Amp) -> None:
     """Backward and optimizer step, through the fp16 GradScaler when there is one."""
     opt.zero_grad(set_to_none=True)
+    accumulate(loss, amp)
+    optimizer_step(opt, amp)
+
+
+def accumulate(loss: torch.Tensor, amp: Amp) -> None:
+    """Backward of one (micro-)batch's loss: its gradients add to those already in .grad."""
+    (amp.scaler.scale(loss) if amp.scaler is not None else loss).backward()
+
+
+def optimizer_step(opt: torch.optim.Optimizer, amp: Amp, clip_norm: Optional[float] = None) -> Optional[torch.Tensor]:
+    """One optimizer step over the accumulated gradients, then clear them. With clip_norm, the gradients'
+    total norm is clipped to it first (unscaled first under fp16) and the pre-clip norm returned (on the device)."""
+    norm = None
+    if clip_norm is not None:
+        if amp.scaler is not None:
+            amp.scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+        norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_norm)
     if amp.scaler is not None:
-        amp.scaler.scale(loss).backward()
-        amp.scaler.step(opt)
+        amp.scaler.step(opt)  # skips the step if the gradients hold an inf or NaN (and lowers the scale)
         amp.scaler.update()
     else:
-        loss.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def micro_batch_share(step: int, n_batches: int, accumulate_steps: int) -> int:
+    """How many batches the optimizer step that 1-based batch `step` belongs to averages: accumulate_steps,
+    fewer for the epoch's last, short group."""
+    start = (step - 1) // accumulate_steps * accumulate_steps
+    return min(accumulate_steps, n_batches - start)
+
+
+def optimizer_steps_per_epoch(n_batches: int, accumulate_steps: int) -> int:
+    """What the lr schedule counts: one per accumulate_steps batches, the epoch's last short group included."""
+    return -(-n_batches // accumulate_steps)
 
 
 class NonFiniteLoss(TrainingError):
@@ -60,16 +90,18 @@ class EpochState:
     correct: Optional[torch.Tensor] = None
     seen: int = 0  # images in the sums
     skipped: int = 0  # batches skipped for a non-finite loss (train.nan_policy=skip_batch)
+    clipped: Optional[torch.Tensor] = None  # optimizer steps whose gradient norm exceeded train.grad_clip_norm
 
     def to(self, device: torch.device) -> "EpochState":
         z = torch.zeros((), device=device)
         self.loss_sum = z.clone() if self.loss_sum is None else self.loss_sum.to(device)
         self.correct = z.long() if self.correct is None else self.correct.to(device)
+        self.clipped = z.long() if self.clipped is None else self.clipped.to(device)
         return self
 
     def to_dict(self) -> dict:
         return {"step": self.step, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(),
-                "seen": self.seen, "skipped": self.skipped}
+                "seen": self.seen, "skipped": self.skipped, "clipped": self.clipped.detach().cpu()}
 
 
 def _no_progress(step: int, stats: Optional[dict] = None) -> None:
@@ -93,6 +125,8 @@ class EpochSetup:
     on_checkpoint: Optional[Callable[["EpochState"], None]] = None  # a mid-epoch checkpoint ...
     checkpoint_every: int = 0  # ... every this many steps (0: none)
     any_rank: Optional[Callable[[bool], bool]] = None  # data-parallel: a decision every rank must share
+    accumulate_steps: int = 1  # batches per optimizer step (train.accumulate_steps)
+    grad_clip_norm: Optional[float] = None  # clip the gradients' total norm to this before each step
 
 
 @dataclass
@@ -106,6 +140,7 @@ class EpochResult:
     skipped: int  # batches skipped for a non-finite loss
     stopped: bool  # should_stop() ended the epoch early
     state: EpochState  # where it got: what a checkpoint of a stopped epoch saves
+    clipped: int = 0  # optimizer steps whose gradients were clipped
     lr: Optional[float] = None  # the stage's lr (optim.stage_lr) at the epoch's last optimizer step
 
 
@@ -116,7 +151,9 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
 
     A non-finite loss raises NonFiniteLoss (nan_policy=stop, naming its first step; checked at each sync) or
     skips that batch's update (skip_batch, one sync per step). A True from `setup.should_stop()` ends the epoch
-    early (`stopped`). `setup.on_checkpoint(state)` runs every `setup.checkpoint_every` steps.
+    early (`stopped`). `setup.on_checkpoint(state)` runs every `setup.checkpoint_every` steps. With
+    `setup.accumulate_steps` = k the optimizer steps once per k batches on the mean of their gradients (the
+    epoch's last group may be shorter); checkpoints and stops fall only between optimizer steps.
     """
     device, amp, where, on_step = setup.device, setup.amp, setup.where, setup.on_step
     progress = (state or EpochState()).to(device)
@@ -135,43 +172,43 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
         if first_bad:
             raise NonFiniteLoss(where, first_bad)
 
+    n_batches, k = len(loader), setup.accumulate_steps
+    opt.zero_grad(set_to_none=True)
     for step, (x, y) in enumerate(loader, first + 1):
+        boundary = step % k == 0 or step == n_batches  # this batch completes an optimizer step
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, loss = forward_loss(model, x, y, amp, setup.label_smoothing)
-        progress.step = step
-        if setup.nan_policy == "skip_batch":
-            bad = not torch.isfinite(loss).item()
-            if setup.any_rank is not None:
-                bad = setup.any_rank(bad)  # all ranks skip together, or DDP's gradient all-reduce would hang
-            if bad:
-                progress.skipped += 1
-                on_step(step)
-                continue
-        else:
-            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-        backward_step(loss, opt, amp)
-        last_lr = stage_lr(opt)
-        if setup.scheduler is not None:
-            with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-                setup.scheduler.step()
-        if setup.ema is not None:
-            setup.ema.update_parameters(model)
+        with _grad_sync(model, boundary):
+            logits, loss = forward_loss(model, x, y, amp, setup.label_smoothing)
+            progress.step = step
+            if setup.nan_policy == "skip_batch":  # (validation refuses it with accumulate_steps > 1)
+                bad = not torch.isfinite(loss).item()
+                if setup.any_rank is not None:
+                    bad = setup.any_rank(bad)  # all ranks skip together, or DDP's gradient all-reduce would hang
+                if bad:
+                    progress.skipped += 1
+                    on_step(step)
+                    continue
+            else:
+                bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            accumulate(loss / micro_batch_share(step, n_batches, k), amp)  # the step's gradient: the groups' mean
+        if boundary:
+            last_lr = _step(opt, setup, progress, model)
         progress.loss_sum += loss.detach() * y.shape[0]
         progress.correct += (logits.argmax(1) == y).sum()
         progress.seen += y.shape[0]
-        if step % setup.every_n_steps == 0 or step == len(loader):
+        if step % setup.every_n_steps == 0 or step == n_batches:
             check_finite()
             seen = max(progress.seen, 1)
             on_step(step, {"loss": progress.loss_sum.item() / seen, "acc": progress.correct.item() / seen,
                            "img_per_s": (progress.seen - seen0) / (time.perf_counter() - t0)})
         else:
             on_step(step)
-        if setup.checkpoint_every and setup.on_checkpoint is not None and step % setup.checkpoint_every == 0 \
-                and step < len(loader):
+        if not boundary or step == n_batches:  # checkpoints and stops only between optimizer steps: no
+            continue  # half-accumulated gradients to save
+        if setup.checkpoint_every and setup.on_checkpoint is not None and step % setup.checkpoint_every == 0:
             check_finite()
             setup.on_checkpoint(progress)
-        if setup.should_stop() and step < len(loader):
+        if setup.should_stop():
             stopped = True
             break
     check_finite()
@@ -181,7 +218,27 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
     seen = max(progress.seen, 1)
     return EpochResult(loss=progress.loss_sum.item() / seen, acc=progress.correct.item() / seen, n=progress.seen,
                        time_s=time.perf_counter() - t0, skipped=progress.skipped, stopped=stopped, state=progress,
-                       lr=last_lr)
+                       clipped=int(progress.clipped.item()), lr=last_lr)
+
+
+def _grad_sync(model: nn.Module, boundary: bool):
+    """DDP: all-reduce the gradients only on the batch that completes an optimizer step (no_sync before it)."""
+    return model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def _step(opt: torch.optim.Optimizer, setup: EpochSetup, progress: EpochState, model: nn.Module) -> float:
+    """The optimizer step (clipping counted), then the lr schedule and the EMA; the lr the step used."""
+    norm = optimizer_step(opt, setup.amp, setup.grad_clip_norm)
+    if norm is not None:
+        progress.clipped += (torch.isfinite(norm) & (norm > setup.grad_clip_norm)).long()
+    lr = stage_lr(opt)
+    if setup.scheduler is not None:
+        with warnings.catch_warnings():  # fp16: the GradScaler skips steps with inf gradients on purpose
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            setup.scheduler.step()
+    if setup.ema is not None:
+        setup.ema.update_parameters(model)
+    return lr
 
 
 @torch.inference_mode()

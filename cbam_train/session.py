@@ -15,7 +15,7 @@ from cbam_train.checkpointer import Checkpointer
 from cbam_train.config import Config
 from cbam_train.device import Amp, compile_for_stage
 from cbam_train.distributed import Dist
-from cbam_train.engine import EpochSetup
+from cbam_train.engine import EpochSetup, optimizer_steps_per_epoch
 from cbam_train.optim import build_optimizer
 from cbam_train.report import Reporter
 from cbam_train.run_state import RunState
@@ -67,14 +67,16 @@ def open_stage(run: Run, stage: Stage) -> StageSession:
     cfg = run.cfg
     apply_stage(run.model, stage.trainable, cfg.schedule.freeze_bn)
     optimizer = build_optimizer(param_groups(run.model, stage), cfg.optim, stage.lr)
-    scheduler = stage_scheduler(optimizer, stage, len(run.loaders.train))
+    scheduler = stage_scheduler(optimizer, stage,
+                                optimizer_steps_per_epoch(len(run.loaders.train), cfg.train.accumulate_steps))
     run.state.restore_stage(stage.name, optimizer, scheduler, str(run.resumed_from))
     step_model = distributed.wrap(run.model, run.dist, run.device)
     step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
     setup = EpochSetup(run.device, run.amp, every_n_steps=cfg.log.every_n_steps, nan_policy=cfg.train.nan_policy,
                        label_smoothing=cfg.train.label_smoothing, scheduler=scheduler, ema=run.ema,
                        should_stop=run.stopper.after_step, checkpoint_every=cfg.train.checkpoint_every_n_steps,
-                       any_rank=run.stopper.any_rank)
+                       any_rank=run.stopper.any_rank, accumulate_steps=cfg.train.accumulate_steps,
+                       grad_clip_norm=cfg.train.grad_clip_norm)
     run.rep.banner(f"stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}': {stage.epochs} epoch(s), "
                    f"lr {stage.lr:.2e}, training {', '.join(stage.trainable)}")
     return StageSession(stage, optimizer, scheduler, step_model, setup)

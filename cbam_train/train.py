@@ -154,6 +154,8 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
            "lr": result.lr if result.lr is not None else stage_lr(session.optimizer), "train_loss": result.loss, "train_acc": result.acc,
            "val_loss": val["loss"], "val_acc": val["acc"], "skipped_batches": result.skipped,
            "epoch_time_s": round(result.time_s, 4), "train_images_per_s": round(result.n / result.time_s, 2)}
+    if run.cfg.train.grad_clip_norm is not None:
+        row["clipped_steps"] = result.clipped  # optimizer steps whose gradient norm was over the limit
     new_best = run.state.record(row)
     run.rep.epoch(row)
     if result.skipped:

@@ -199,6 +199,17 @@ def _check_run(cfg: Config) -> None:
     _in_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, open_high=True)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {t.ema_decay}")
+    if t.grad_clip_norm is not None:
+        _positive("train.grad_clip_norm", t.grad_clip_norm)
+    if t.accumulate_steps < 1:
+        raise ConfigError(f"train.accumulate_steps must be >= 1, got {t.accumulate_steps}")
+    if t.accumulate_steps > 1 and t.checkpoint_every_n_steps % t.accumulate_steps:
+        raise ConfigError(f"train.checkpoint_every_n_steps={t.checkpoint_every_n_steps} must be a multiple of "
+                          f"train.accumulate_steps={t.accumulate_steps}: mid-epoch checkpoints fall between "
+                          "optimizer steps")
+    if t.accumulate_steps > 1 and t.nan_policy == "skip_batch":
+        raise ConfigError("train.nan_policy=skip_batch does not combine with train.accumulate_steps > 1 (a skipped "
+                          "batch would leave its optimizer step short); use nan_policy=stop")
     _choice("eval.split", cfg.eval.split, ("test", "val"))
     _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))

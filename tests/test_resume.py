@@ -222,9 +222,13 @@ STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step",
         "+schedule.stages.high.lr_mult={layer3:0.1,layer4.1:0.5}", "schedule.stages.high.layer_decay=0.8"]
 
 
+ACCUMULATE = ["train.accumulate_steps=2", "train.grad_clip_norm=0.5", "data.train_size=112"]  # 5 batches: 2+2+1
+
+
 @pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS),
-                                           ("memory", STEP)],
-                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step+lr-groups"])
+                                           ("memory", STEP), ("memory", ACCUMULATE)],
+                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step+lr-groups",
+                              "memory+accumulate+clip"])
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
@@ -252,6 +256,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     train.run(compose_config(args + [f"resume={mid[0][2]}"]), tmp_path / "resumed")
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
+    if extra == ACCUMULATE:  # checkpoints fall only between optimizer steps, so none holds half a gradient
+        assert {s % 2 for _, s, _ in saved} == {0}
     if extra == STEP:  # a row's lr is its epoch's: stage 'high' (lr 1e-3) is epochs 2-3, one drop between them
         assert [r["lr"] for r in rows(tmp_path / "resumed") if r["stage_name"] == "high"] == [1e-3, 0.5e-3]
         groups = torch.load(mid[0][2], weights_only=True)["optimizer"]["param_groups"]
