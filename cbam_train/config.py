@@ -197,7 +197,7 @@ class LrFindConfig:
 
     min_lr: float = 1e-7  # the first step's lr
     max_lr: float = 1.0  # the last step's lr, unless the loss diverges first
-    steps: int = 100  # optimizer steps (batches) from min_lr to max_lr; the training loader repeats if needed
+    steps: int = 100  # optimizer steps from min_lr to max_lr (train.accumulate_steps batches each); the loader repeats
     smooth: float = 0.9  # EMA factor of the loss, bias-corrected (as fastai's); 0: no smoothing
     diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this x the best smoothed loss so far
 

@@ -18,7 +18,7 @@ from cbam_train import distributed
 from cbam_train.atomic import write_json_atomic
 from cbam_train.config import Config, UserError
 from cbam_train.device import Amp, compile_for_stage, setup_device
-from cbam_train.engine import backward_step, forward_loss
+from cbam_train.engine import accumulate, forward_loss, optimizer_step
 from cbam_train.optim import build_optimizer
 from cbam_train.plots import draw_lr_find
 from cbam_train.report import Reporter
@@ -62,6 +62,8 @@ class SweepSetup:
     smooth: float = 0.9  # EMA factor (lr_find.smooth)
     diverge_factor: float = 4.0  # lr_find.diverge_factor
     label_smoothing: float = 0.0  # as training's loss (train.label_smoothing)
+    accumulate_steps: int = 1  # batches per optimizer step, as training takes them (train.accumulate_steps)
+    grad_clip_norm: Optional[float] = None  # as training clips (train.grad_clip_norm)
     on_step: Callable[[int, float, float, float], None] = lambda step, lr, loss, smoothed: None
 
 
@@ -77,16 +79,23 @@ class SweepResult:
 
 def sweep(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, lrs: Sequence[float],
           setup: SweepSetup) -> SweepResult:
-    """One optimizer step per lr: the loss of each batch is measured before the update it drives (as fastai
-    records it), smoothed by a bias-corrected EMA; stop once that exceeds diverge_factor x its best so far."""
+    """One optimizer step per lr, on accumulate_steps batches and clipped as training steps: the loss is
+    measured before the update it drives (as fastai records it), smoothed by a bias-corrected EMA; stop once
+    that exceeds diverge_factor x its best so far."""
     model.train()
     out, avg, best = SweepResult(), 0.0, math.inf
+    k = setup.accumulate_steps
+    optimizer.zero_grad(set_to_none=True)
     for i, lr in enumerate(lrs):
-        x, y = next(batches)
-        x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
         set_stage_lr(optimizer, lr)
-        _, loss = forward_loss(model, x, y, setup.amp, setup.label_smoothing)
-        value = loss.item()  # one host sync per step: the stop decision needs the number
+        total = 0.0
+        for _ in range(k):  # the step's gradient: the mean over its k batches, as train_one_epoch takes it
+            x, y = next(batches)
+            x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
+            _, loss = forward_loss(model, x, y, setup.amp, setup.label_smoothing)
+            accumulate(loss / k, setup.amp)
+            total += loss.item()  # one host sync per batch: the stop decision needs the number
+        value = total / k
         out.lrs.append(lr)
         if not math.isfinite(value):
             out.losses.append(None)
@@ -103,7 +112,7 @@ def sweep(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
             out.stop = {"step": i + 1, "lr": lr, "reason": "diverged", "smoothed_loss": smoothed,
                         "best_smoothed_loss": best, "diverge_factor": setup.diverge_factor}
             break
-        backward_step(loss, optimizer, setup.amp)
+        optimizer_step(optimizer, setup.amp, setup.grad_clip_norm)
     return out
 
 
@@ -197,7 +206,9 @@ def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:
                 if step % cfg.log.every_n_steps == 0:
                     rep.print(f"lr_find step {step}/{f.steps} lr {lr:.2e} loss {loss:.4f} smoothed {smoothed:.4f}")
 
-            setup = SweepSetup(device, amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing, on_step)
+            setup = SweepSetup(device, amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing,
+                               accumulate_steps=cfg.train.accumulate_steps, grad_clip_norm=cfg.train.grad_clip_norm,
+                               on_step=on_step)
             result = sweep(step_model, endless(loaders.train), optimizer, lr_schedule(f.min_lr, f.max_lr, f.steps),
                            setup)
     finally:

@@ -316,3 +316,32 @@ def test_the_suggestion_trains_better_than_100x_or_a_hundredth_of_it(tmp_path):
     loss = {factor: train_loss_at(cfg, lr * factor, 40, tmp_path / f"x{factor}") for factor in (1, 100, 0.01)}
     assert loss[1] < loss[100] - 0.3 and loss[1] < loss[0.01] - 0.3, (lr, loss)
 
+
+
+def test_the_sweep_accumulates_and_clips_as_training_steps():
+    """train.accumulate_steps=3: each lr's step takes 3 batches and its loss is their mean; train.grad_clip_norm:
+    plain SGD moves the weights by at most lr_i x the limit per step, so by sum(lr_i) x limit over the sweep."""
+    from torch import nn
+
+    from cbam_train.lr_find import SweepSetup, sweep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    data = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(30)]
+    drawn = []
+
+    def batches():
+        for i, batch in enumerate(data):
+            drawn.append(i)
+            yield batch
+
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: steps.append(o.param_groups[0]["lr"]))
+    lrs = lr_schedule(1e-2, 1.0, 10)
+    setup = SweepSetup(torch.device("cpu"), smooth=0.0, diverge_factor=1e9, accumulate_steps=3, grad_clip_norm=1e-3)
+    result = sweep(model, batches(), opt, lrs, setup)
+    assert len(drawn) == 30 and steps == pytest.approx(lrs) and len(result.losses) == 10
+    moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm().item()
+    assert 0 < moved <= sum(lrs) * 1e-3 * (1 + 1e-6)
