@@ -143,6 +143,10 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
         from cbam_train.evaluation import run_eval
 
         result = run_eval(cfg, run_dir, record)
+    elif cfg.task == "lr_find":
+        from cbam_train.lr_find import run_lr_find
+
+        result = run_lr_find(cfg, run_dir, record)
     else:
         from cbam_train.bench import run_bench
 

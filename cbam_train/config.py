@@ -202,6 +202,17 @@ class BenchConfig:
 
 
 @dataclass
+class LrFindConfig:
+    """task=lr_find: an exponential lr sweep over one stage (the stage's lr, every group keeping its lr_mult)."""
+
+    min_lr: float = 1e-7  # the first step's lr
+    max_lr: float = 1.0  # the last step's lr, unless the loss diverges first
+    steps: int = 100  # optimizer steps from min_lr to max_lr (train.accumulate_steps batches each); the loader repeats
+    smooth: float = 0.9  # EMA factor of the loss, bias-corrected (as fastai's); 0: no smoothing
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this x the best smoothed loss so far
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,17 +226,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
     resume: Optional[str] = None  # a run dir or checkpoint file: continue that run exactly (into its run dir)
     checkpoint: Optional[str] = None  # task=eval: a model.pt or checkpoint file
     seed: int = 0
-    task: str = "train"  # train | eval | bench
+    task: str = "train"  # train | eval | bench | lr_find
     optimized_metric: str = "best_val_acc"  # task=train: the summary.json field returned to a sweeper (Optuna)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train", "eval", "bench")
+TASKS = ("train", "eval", "bench", "lr_find")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

@@ -1,5 +1,5 @@
 """Pictures of a run and of a sweep, drawn with matplotlib's headless Agg canvas (no display, no pyplot
-state, safe on a cluster node): curves.png per run, sweep.png per sweep."""
+state, safe on a cluster node): curves.png per run, sweep.png per sweep, lr_find.png per lr sweep."""
 
 from __future__ import annotations
 
@@ -87,6 +87,44 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     ax.set_xticks(range(len(jobs)), labels, fontsize=7)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
+    """Loss against lr (log x) from lr_find.json's fields: each step's loss and the smoothed loss; the suggestion
+    as a dashed line with its value and the fitted line whose slope chose it; where the sweep stopped early."""
+    import math
+
+    fig = _figure(7.5, 4.5)
+    ax = fig.subplots()
+    lrs, stage, s = out["lrs"], out["stage"]["name"], out["suggestion"]
+    losses = [math.nan if v is None else v for v in out["losses"]]
+    smoothed = [math.nan if v is None else v for v in out["smoothed"]]
+    ax.plot(lrs, losses, color="#9bb7d4", lw=0.8, label="loss per step")
+    ax.plot(lrs, smoothed, color="#1f4e89", lw=2, label=f"smoothed (EMA {out['settings']['smooth']:g}, bias-corrected)")
+    ax.set_xscale("log")
+    finite = [v for v in losses + smoothed if math.isfinite(v)]
+    # a diverging tail can reach 1e3 and more: keep the descent readable, the tail runs off the top
+    top = min(max(finite), 1.5 * max(v for v in smoothed if math.isfinite(v)))
+    ax.set_ylim(min(finite) - 0.05 * (top - min(finite)), top)
+    ax.axvline(s["lr"], color="#c44e52", ls="--", lw=1.2)
+    ax.annotate(f"suggested {s['lr']:.1e}\n({s['method']})", (s["lr"], 0.97), xycoords=("data", "axes fraction"),
+                xytext=(4, 0), textcoords="offset points", ha="left", va="top", fontsize=9, color="#c44e52")
+    if s["method"] == "steepest_before_min":  # the fitted line whose slope is the steepest
+        i, half, fit = s["index"], s["inputs"]["window_steps"] // 2, s["inputs"]
+        xs = lrs[max(0, i - half):i + half + 1]
+        ax.plot(xs, [fit["level"] + fit["slope_per_decade"] * math.log10(x / lrs[i]) for x in xs], color="#c44e52",
+                lw=2.5, alpha=0.8, label=f"steepest fitted slope ({fit['slope_per_decade']:.2f} per decade)")
+    if out["stop"] is not None:
+        ax.axvline(out["stop"]["lr"], color="#888888", ls=":", lw=1.2,
+                   label=f"stopped early at step {out['stop']['step']} ({out['stop']['reason']})")
+    ax.set_xlabel(f"learning rate of stage '{stage}' (log scale)")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.35)
+    ax.grid(alpha=0.12, which="minor")
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
 

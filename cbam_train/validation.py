@@ -12,6 +12,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
 from cbam_train.config import SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
+from cbam_train.config import LrFindConfig
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
@@ -67,6 +68,7 @@ def validate(cfg: Config) -> Config:
     _check_optim(cfg)
     _check_device(cfg)
     _check_run(cfg)
+    _check_lr_find(cfg.lr_find)
     return cfg
 
 
@@ -222,3 +224,19 @@ def _check_run(cfg: Config) -> None:
     _positive("bench.seconds", cfg.bench.seconds)
     _positive("bench.max_steps", cfg.bench.max_steps)
     _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
+
+
+MIN_LR_FIND_STEPS = 10  # fewer points leave no curve to read a slope from
+
+
+def _check_lr_find(f: LrFindConfig) -> None:
+    """lr_find.*: a sweep that goes up (0 < min_lr < max_lr), long enough to have a slope, a stop above the best."""
+    _positive("lr_find.min_lr", f.min_lr)
+    if f.max_lr <= f.min_lr:
+        raise ConfigError(f"lr_find.max_lr must be > lr_find.min_lr ({f.min_lr:g}), got {f.max_lr:g}")
+    if f.steps < MIN_LR_FIND_STEPS:
+        raise ConfigError(f"lr_find.steps must be >= {MIN_LR_FIND_STEPS}, got {f.steps}")
+    _in_range("lr_find.smooth", f.smooth, 0.0, 1.0, open_high=True)
+    if f.diverge_factor <= 1:
+        raise ConfigError(f"lr_find.diverge_factor must be > 1 (a multiple of the best smoothed loss), "
+                          f"got {f.diverge_factor:g}")

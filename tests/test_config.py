@@ -61,6 +61,13 @@ from conftest import compose_config
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.val_size=-1", "data.val_size must be >= 0"),
     ("data.limit=0", "data.limit must be > 0"),
+    ("task=tune", "task: unknown value 'tune'; choose one of: train, eval, bench, lr_find"),
+    ("lr_find.min_lr=-1e-7", "lr_find.min_lr must be > 0"),
+    ("lr_find.max_lr=1e-7", "lr_find.max_lr must be > lr_find.min_lr (1e-07)"),
+    ("lr_find.steps=9", "lr_find.steps must be >= 10"),
+    ("lr_find.smooth=-0.1", "lr_find.smooth must be in [0, 1)"),
+    ("lr_find.smooth=1", "lr_find.smooth must be in [0, 1)"),
+    ("lr_find.diverge_factor=0.5", "lr_find.diverge_factor must be > 1"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -71,7 +78,7 @@ def test_bad_values_raise_config_error_naming_the_key(override, message):
 
 @pytest.mark.parametrize("overrides", [[], ["experiment=smoke"], ["optim=sgd", "augment=none", "device=cpu"],
                                        ["data=imagefolder", "data.root=/x", "model.num_classes=3"],
-                                       ["task=bench", "device=cuda"]])
+                                       ["task=bench", "device=cuda"], ["task=lr_find", "experiment=smoke"]])
 def test_shipped_configs_validate(overrides):
     cfg = compose_config(overrides)
     assert list(cfg.schedule.stages) == ["head", "high", "full"]
@@ -120,7 +127,7 @@ def test_every_float_key_refuses_nan_and_inf():
     cfg = compose_config(ALL_FLOATS_SET)
     keys = [k for k, _ in _floats(cfg)]
     assert {"lr", "optim.betas[1]", "data.std[2]", "schedule.stages.full.lr", "train.ema_decay",
-            "augment.color_jitter.hue", "bench.seconds"} <= set(keys)
+            "augment.color_jitter.hue", "bench.seconds", "lr_find.min_lr", "lr_find.smooth"} <= set(keys)
     for i, key in enumerate(keys):  # one composition per key; nan, inf and -inf take turns (one isfinite check)
         override = _nan_override(key, cfg).replace("nan", ("nan", "inf", "-inf")[i % 3])
         with pytest.raises(ConfigError, match="must be a finite number") as e:

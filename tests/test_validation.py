@@ -21,6 +21,8 @@ START_UP = [
     ("train.ema_decay=nan", "train.ema_decay must be a finite number"),
     ("log.curves_every_s=inf", "log.curves_every_s must be a finite number"),
     ("bench.seconds=nan", "bench.seconds must be a finite number"),
+    ("task=lr_find lr_find.max_lr=nan", "lr_find.max_lr must be a finite number"),
+    ("task=lr_find lr_find.steps=3", "lr_find.steps must be >= 10, got 3"),
     ("schedule.stages.head.sched.warmup_epochs=nan", "schedule.stages.head.sched.warmup_epochs must be a finite"),
     ("model.num_classes=1", "model.num_classes must be >= 2"),
     ("data.num_classes=1", "data.num_classes must be >= 2"),
