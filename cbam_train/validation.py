@@ -11,7 +11,8 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
-from cbam_train.config import SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
+from cbam_train.config import (EXPORT_FORMATS, SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig,
+                               ModelConfig)
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
@@ -67,6 +68,7 @@ def validate(cfg: Config) -> Config:
     _check_optim(cfg)
     _check_device(cfg)
     _check_run(cfg)
+    _check_inference(cfg)
     return cfg
 
 
@@ -74,6 +76,10 @@ def _check_task(cfg: Config) -> None:
     _choice("task", cfg.task, TASKS)
     if cfg.task == "eval" and not cfg.checkpoint:
         raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.task in ("predict", "export") and not cfg.checkpoint:
+        raise ConfigError(f"task={cfg.task} needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.task == "predict" and not cfg.inputs:
+        raise ConfigError("task=predict needs inputs=PATH (an image file, a folder or a glob such as 'imgs/*.jpg')")
     if cfg.resume and cfg.task != "train":
         raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
     _choice("optimized_metric", cfg.optimized_metric, SUMMARY_METRICS)
@@ -217,3 +223,16 @@ def _check_run(cfg: Config) -> None:
     _positive("bench.seconds", cfg.bench.seconds)
     _positive("bench.max_steps", cfg.bench.max_steps)
     _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
+
+
+def _check_inference(cfg: Config) -> None:
+    """predict.* and export.*: checked whatever the task, like every other group."""
+    p, e = cfg.predict, cfg.export
+    if not 1 <= p.top_k <= cfg.model.num_classes:
+        raise ConfigError(f"predict.top_k must be >= 1 and <= the number of classes ({cfg.model.num_classes}), "
+                          f"got {p.top_k}")
+    _positive("predict.batch_size", p.batch_size)
+    _choice("export.format", e.format, EXPORT_FORMATS)
+    if e.opset < 18:
+        raise ConfigError(f"export.opset must be >= 18 (torch's torch.export-based ONNX exporter), got {e.opset}")
+    _positive("export.check_images", e.check_images)
