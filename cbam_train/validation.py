@@ -62,7 +62,7 @@ def validate(cfg: Config) -> Config:
     check_finite(cfg)
     _check_task(cfg)
     _check_model(cfg.model)
-    _check_data(cfg.data, cfg.model)
+    _check_data(cfg.data, cfg.model, needs_root=cfg.task != "predict")  # predict reads inputs=, not the data
     _check_augment(cfg.augment, cfg.data.image_size)
     _check_schedule(cfg)
     _check_optim(cfg)
@@ -102,7 +102,7 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
 
 
-def _check_data(d: DataConfig, m: ModelConfig) -> None:
+def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
     _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
     for key in ("batch_size", "eval_batch_size", "image_size", "train_size", "test_size"):
         _positive(f"data.{key}", getattr(d, key))
@@ -131,7 +131,7 @@ def _check_data(d: DataConfig, m: ModelConfig) -> None:
         raise ConfigError(f"data.std values must be in (0, 1] (pixels are scaled to [0, 1]), got {list(d.std)}")
     if d.name == "cifar10" and d.image_size != 32:
         raise ConfigError(f"data.image_size={d.image_size}: CIFAR-10 images are 32x32; use data.image_size=32")
-    if d.name in ("cifar10", "imagefolder") and not d.root:
+    if d.name in ("cifar10", "imagefolder") and not d.root and needs_root:
         raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
 
 
