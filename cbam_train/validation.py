@@ -228,9 +228,10 @@ def _check_run(cfg: Config) -> None:
 def _check_inference(cfg: Config) -> None:
     """predict.* and export.*: checked whatever the task, like every other group."""
     p, e = cfg.predict, cfg.export
-    if not 1 <= p.top_k <= cfg.model.num_classes:
+    # the upper bound only where it is used: a 2-class training run must not trip over the default of 3
+    if p.top_k < 1 or (cfg.task == "predict" and p.top_k > cfg.model.num_classes):
         raise ConfigError(f"predict.top_k must be >= 1 and <= the number of classes ({cfg.model.num_classes}), "
-                          f"got {p.top_k}")
+                          f"got {p.top_k}; set predict.top_k={min(max(p.top_k, 1), cfg.model.num_classes)}")
     _positive("predict.batch_size", p.batch_size)
     _choice("export.format", e.format, EXPORT_FORMATS)
     if e.opset < 18:

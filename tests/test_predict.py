@@ -94,13 +94,20 @@ def test_predictions_csv_has_a_row_per_file_and_the_error_column():
     ("task=predict inputs=x", "task=predict needs checkpoint=PATH"),
     ("task=predict checkpoint=x", "task=predict needs inputs=PATH"),
     ("predict.top_k=0", "predict.top_k must be >= 1 and <= the number of classes (10), got 0"),
-    ("predict.top_k=11", "predict.top_k must be >= 1 and <= the number of classes (10), got 11"),
+    ("task=predict checkpoint=x inputs=y predict.top_k=11",
+     "predict.top_k must be >= 1 and <= the number of classes (10), got 11; set predict.top_k=10"),
+    ("task=predict checkpoint=x inputs=y model.num_classes=2 data=synthetic data.num_classes=2",
+     "predict.top_k must be >= 1 and <= the number of classes (2), got 3; set predict.top_k=2"),
     ("predict.batch_size=0", "predict.batch_size must be > 0"),
 ])
 def test_predict_keys_are_validated_at_start_up(overrides, message):
     with pytest.raises(ConfigError) as e:
         compose_config(overrides.split())
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_two_class_training_run_is_not_refused_for_the_default_top_k():
+    assert compose_config(["data=synthetic", "model.num_classes=2", "data.num_classes=2"]).predict.top_k == 3
 
 
 # ---------------------------------------------------------------- bad input, in-process through cli.main
