@@ -147,7 +147,7 @@ def run_export(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dic
         try:
             export_onnx(module, example, out, cfg.export.opset) if fmt == "onnx" else \
                 export_torchscript(module, example, out)
-        except OSError:
+        except OSError:  # the disk or the folder: cli's one line for the machine's errors
             raise
         except Exception as e:  # the exporter's own failure: its first line, not a page of graph dumps
             raise ExportError(f"export.format={fmt}: the exporter failed ({str(e).strip().splitlines()[0][:200]})") \
