@@ -55,11 +55,11 @@ def _quoted(path: Path) -> str:
 
 
 def with_recorded_overrides(args: list) -> list:
-    """`resume=PATH` and `task=eval checkpoint=PATH` re-create the run's config: its recorded overrides come
+    """`resume=PATH` and `task=eval|predict|export checkpoint=PATH` re-create the run's config: its recorded overrides come
     first and the ones given now win; a resume also writes into the run's own dir (hydra.run.dir)."""
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     resume, ckpt = _value(overrides, "resume"), _value(overrides, "checkpoint")
-    target = resume if resume else ckpt if _value(overrides, "task") == "eval" else None
+    target = resume if resume else ckpt if _value(overrides, "task") in ("eval", "predict", "export") else None
     if not target:
         return args
     if resume and any(a in ("-m", "--multirun") for a in args):
@@ -147,6 +147,14 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
         from cbam_train.lr_find import run_lr_find
 
         result = run_lr_find(cfg, run_dir, record)
+    elif cfg.task == "predict":
+        from cbam_train.predict import run_predict
+
+        result = run_predict(cfg, run_dir, record)
+    elif cfg.task == "export":
+        from cbam_train.export import run_export
+
+        result = run_export(cfg, run_dir, record)
     else:
         from cbam_train.bench import run_bench
 

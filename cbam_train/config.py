@@ -213,6 +213,19 @@ class LrFindConfig:
 
 
 @dataclass
+class PredictConfig:
+    top_k: int = 3  # classes (with probabilities) per image in predictions.csv; 1..number of classes
+    batch_size: int = 256  # images decoded and run through the model per forward pass
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"  # onnx (model.onnx, needs the [export] extra) | torchscript (model.ts)
+    opset: int = 18  # onnx: the ONNX opset; torch's exporter (torch.export based) emits 18 or newer
+    check_images: int = 64  # validation images the exported model and the PyTorch model are compared on
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -227,17 +240,21 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
     resume: Optional[str] = None  # a run dir or checkpoint file: continue that run exactly (into its run dir)
-    checkpoint: Optional[str] = None  # task=eval: a model.pt or checkpoint file
+    checkpoint: Optional[str] = None  # task=eval|predict|export: a model.pt or checkpoint file
+    inputs: Optional[str] = None  # task=predict: an image file, a folder (searched recursively) or a glob
     seed: int = 0
-    task: str = "train"  # train | eval | bench | lr_find
+    task: str = "train"  # train | eval | bench | lr_find | predict | export
     optimized_metric: str = "best_val_acc"  # task=train: the summary.json field returned to a sweeper (Optuna)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train", "eval", "bench", "lr_find")
+TASKS = ("train", "eval", "bench", "lr_find", "predict", "export")
+EXPORT_FORMATS = ("onnx", "torchscript")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

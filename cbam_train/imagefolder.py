@@ -42,6 +42,20 @@ def scan_image_folder(split_dir: Path) -> tuple:
     return paths, np.asarray(labels, dtype=np.int64), classes, ignored
 
 
+def decode_image(path: Path, image_size: int) -> tuple:
+    """(uint8 (3, S, S) RGB, None) or (None, why it cannot be read): the shorter side resized to S (antialiased
+    bilinear) and centre-cropped, unless already S x S. How training, eval and task=predict read an image file."""
+    try:
+        with Image.open(path) as im:
+            img = F.pil_to_tensor(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        return None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    s = image_size
+    if img.shape[1:] != (s, s):
+        img = F.center_crop(F.resize(img, s, antialias=True), [s, s])
+    return img, None
+
+
 class ImageFiles:
     """Images stored as files: `self(i)` decodes one to uint8 (3, S, S) (RGB; shorter side resized to S and
     centre-cropped if needed); `take(idx)` decodes many. Picklable, for DataLoader workers.
@@ -61,15 +75,7 @@ class ImageFiles:
         return {**self.__dict__, "_all": None}
 
     def _decode(self, i: int) -> tuple:
-        try:
-            with Image.open(self.paths[i]) as im:
-                img = F.pil_to_tensor(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:
-            return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-        s = self.image_size
-        if img.shape[1:] != (s, s):
-            img = F.center_crop(F.resize(img, s, antialias=True), [s, s])
-        return img, None
+        return decode_image(self.paths[i], self.image_size)
 
     def _unreadable(self, found: dict) -> DataError:
         i, reason = next(iter(found.items()))

@@ -20,7 +20,8 @@ REFUSED = ("model.name", "model.num_classes", "model.stem", "model.cbam.", "data
 # Changing these does not change a single number of the run.
 HARMLESS = ("log.", "bench.", "eval.split", "task", "resume", "checkpoint", "init_from", "experiment",
             "model.pretrained", "model.weights", "data.download", "data.num_workers", "data.memory_budget_mb",
-            "train.checkpoint_every_n_epochs", "train.checkpoint_every_n_steps", "sweep.", "logger.", "lr_find.")
+            "train.checkpoint_every_n_epochs", "train.checkpoint_every_n_steps", "sweep.", "logger.", "lr_find.",
+            "predict.", "export.", "inputs")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -11,8 +11,8 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
-from cbam_train.config import SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig, ModelConfig
-from cbam_train.config import LrFindConfig
+from cbam_train.config import (EXPORT_FORMATS, SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig,
+                               LrFindConfig, ModelConfig)
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
@@ -62,13 +62,14 @@ def validate(cfg: Config) -> Config:
     check_finite(cfg)
     _check_task(cfg)
     _check_model(cfg.model)
-    _check_data(cfg.data, cfg.model)
+    _check_data(cfg.data, cfg.model, needs_root=cfg.task != "predict")  # predict reads inputs=, not the data
     _check_augment(cfg.augment, cfg.data.image_size)
     _check_schedule(cfg)
     _check_optim(cfg)
     _check_device(cfg)
     _check_run(cfg)
     _check_lr_find(cfg.lr_find)
+    _check_inference(cfg)
     return cfg
 
 
@@ -76,6 +77,10 @@ def _check_task(cfg: Config) -> None:
     _choice("task", cfg.task, TASKS)
     if cfg.task == "eval" and not cfg.checkpoint:
         raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.task in ("predict", "export") and not cfg.checkpoint:
+        raise ConfigError(f"task={cfg.task} needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
+    if cfg.task == "predict" and not cfg.inputs:
+        raise ConfigError("task=predict needs inputs=PATH (an image file, a folder or a glob such as 'imgs/*.jpg')")
     if cfg.resume and cfg.task != "train":
         raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
     _choice("optimized_metric", cfg.optimized_metric, SUMMARY_METRICS)
@@ -98,7 +103,7 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
 
 
-def _check_data(d: DataConfig, m: ModelConfig) -> None:
+def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
     _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
     for key in ("batch_size", "eval_batch_size", "image_size", "train_size", "test_size"):
         _positive(f"data.{key}", getattr(d, key))
@@ -127,7 +132,7 @@ def _check_data(d: DataConfig, m: ModelConfig) -> None:
         raise ConfigError(f"data.std values must be in (0, 1] (pixels are scaled to [0, 1]), got {list(d.std)}")
     if d.name == "cifar10" and d.image_size != 32:
         raise ConfigError(f"data.image_size={d.image_size}: CIFAR-10 images are 32x32; use data.image_size=32")
-    if d.name in ("cifar10", "imagefolder") and not d.root:
+    if d.name in ("cifar10", "imagefolder") and not d.root and needs_root:
         raise ConfigError(f"data.root is required for data={d.name}; pass data.root=PATH")
 
 
@@ -240,3 +245,17 @@ def _check_lr_find(f: LrFindConfig) -> None:
     if f.diverge_factor <= 1:
         raise ConfigError(f"lr_find.diverge_factor must be > 1 (a multiple of the best smoothed loss), "
                           f"got {f.diverge_factor:g}")
+
+
+def _check_inference(cfg: Config) -> None:
+    """predict.* and export.*: checked whatever the task, like every other group."""
+    p, e = cfg.predict, cfg.export
+    # the upper bound only where it is used: a 2-class training run must not trip over the default of 3
+    if p.top_k < 1 or (cfg.task == "predict" and p.top_k > cfg.model.num_classes):
+        raise ConfigError(f"predict.top_k must be >= 1 and <= the number of classes ({cfg.model.num_classes}), "
+                          f"got {p.top_k}; set predict.top_k={min(max(p.top_k, 1), cfg.model.num_classes)}")
+    _positive("predict.batch_size", p.batch_size)
+    _choice("export.format", e.format, EXPORT_FORMATS)
+    if e.opset < 18:
+        raise ConfigError(f"export.opset must be >= 18 (torch's torch.export-based ONNX exporter), got {e.opset}")
+    _positive("export.check_images", e.check_images)
