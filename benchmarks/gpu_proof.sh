@@ -14,6 +14,8 @@
 #   profile  torch.profiler over 20 steps at batch 64 and 512 with the picked settings: top kernels by time
 #   seed     experiment=seed (50 epochs, 3 stages, batch 64) on the real images, with the batch-64 pick
 #   fast     experiment=fast (40 epochs, batch 512) on the real images, with the batch-512 pick
+# A second call on a fresh machine has no picks.env: pass what the first printed, e.g.
+#   GPU_PROOF_PICK_512='device.precision=bf16 device.compile=true device.compile_mode=default'
 # Every step has its own time limit (T_* below, printed at the start), cut to what the whole-script deadline
 # (T_TOTAL from the start) leaves; a step that fails or times out is recorded and the next one runs.
 # $OUT gets: gpu_proof.log (everything printed), steps.tsv (step, exit status, seconds, note) and
@@ -37,7 +39,7 @@ if [ "$GPU_PROOF_SMOKE" = 1 ]; then
   : "${T_TOTAL:=170}" "${T_ENV:=30}" "${T_INSTALL:=30}" "${T_DATA:=30}" "${T_BENCH:=60}" "${T_BENCH_RUN:=45}"
   : "${T_PROFILE:=30}" "${T_SEED:=45}" "${T_FAST:=45}" "${T_COLLECT:=20}"
 else
-  : "${T_TOTAL:=540}" "${T_ENV:=45}" "${T_INSTALL:=90}" "${T_DATA:=60}" "${T_BENCH:=200}" "${T_BENCH_RUN:=75}"
+  : "${T_TOTAL:=540}" "${T_ENV:=45}" "${T_INSTALL:=90}" "${T_DATA:=60}" "${T_BENCH:=220}" "${T_BENCH_RUN:=90}"
   : "${T_PROFILE:=75}" "${T_SEED:=240}" "${T_FAST:=240}" "${T_COLLECT:=30}"
 fi
 export T_TOTAL T_ENV T_INSTALL T_DATA T_BENCH T_BENCH_RUN T_PROFILE T_SEED T_FAST T_COLLECT
@@ -219,7 +221,9 @@ picks_file.write_text("\n".join(lines) + "\n")
 EOF
 }
 
-pick_for() {  # batch size -> the picked overrides (bf16 eager when bench picked nothing)
+pick_for() {  # batch size -> GPU_PROOF_PICK_<batch> if set, else the bench step's pick, else bf16 eager
+  local forced="GPU_PROOF_PICK_$1"
+  if [ -n "${!forced:-}" ]; then echo "${!forced}"; return; fi
   local PICK_64="" PICK_512="" PICK_16=""
   # shellcheck disable=SC1091
   [ -f "$GPU_PROOF_WORK/picks.env" ] && . "$GPU_PROOF_WORK/picks.env"
