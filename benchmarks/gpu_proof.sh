@@ -50,8 +50,8 @@ if [ "$GPU_PROOF_SMOKE" = 1 ]; then
   : "${BENCH_RUNS:=fp32:16:off}"        # precision:batch:compile (off | default | reduce-overhead)
   : "${BENCH_SECONDS:=1}"
   SIZE_ARGS="data.image_size=8 data.limit=32 data.val_size=20 data.eval_batch_size=32 data.num_workers=0"
-  SEED_SIZE="data.batch_size=16 schedule.stages.head.epochs=1 schedule.stages.high.epochs=1 schedule.stages.full.epochs=1"
-  FAST_SIZE="data.batch_size=16 schedule.stages.all.epochs=1 schedule.stages.all.sched.warmup_epochs=0"
+  SEED_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.head.epochs=1 schedule.stages.high.epochs=1 schedule.stages.full.epochs=1"
+  FAST_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.all.epochs=1 schedule.stages.all.sched.warmup_epochs=0"
   BENCH_EXTRA="stage=full bench.max_steps=2 bench.warmup_steps=1"
   PROFILE_BATCHES="16"
   : "${PROFILE_STEPS:=3}" "${PROFILE_WARMUP:=1}"
@@ -300,9 +300,10 @@ main() {
 
   echo; echo "=== collect $(date -u +%T)"
   local tarball="$OUT/gpu_proof_runs.tar.gz"
+  local found=() f
+  for f in runs logs picks.env pretrained; do [ -e "$GPU_PROOF_WORK/$f" ] && found+=("$f"); done
   ( cd "$GPU_PROOF_WORK" && timeout "$T_COLLECT" tar -czf "$tarball" --exclude=checkpoints --exclude=model.pt \
-      --exclude=.cbam-cache $( [ -d runs ] && echo runs ) $( [ -d logs ] && echo logs ) picks.env pretrained \
-      2>/dev/null )
+      --exclude=.cbam-cache "${found[@]}" ) || echo "collect: tar failed (exit $?)"
   ls -l "$tarball" 2>/dev/null
   if [ -f "$tarball" ] && (( $(stat -c %s "$tarball") > 16 * 1024 * 1024 )); then
     echo "warning: $tarball is over 16 MiB and will not come back from the device machine"
@@ -316,7 +317,7 @@ main() {
 'best_val_acc', s.get('best_val_acc'), 'final_val_acc', s.get('final_val_acc'), 'epochs', s.get('epochs_run'), \
 'wall_time_s', s.get('wall_time_s'))" "$f"
   done
-  ! grep -qvP '^[^\t]+\t(0|-)\t' "$OUT/steps.tsv"
+  awk -F'\t' '$2 != "0" && $2 != "-" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"
 }
 
 mkdir -p "$OUT" "$GPU_PROOF_WORK"
