@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The GPU proof: one command on the device machine that measures cbam-train and writes everything into $OUT.
+#
+#   OUT=/tmp/proof bash benchmarks/gpu_proof.sh                       # every step, as the budgets allow
+#   GPU_PROOF_STEPS=env,install,data,fast bash benchmarks/gpu_proof.sh  # a second call: what the first did not run
+#   GPU_PROOF_SMOKE=1 OUT=/tmp/proof bash benchmarks/gpu_proof.sh      # the same steps at toy size on the CPU
+#
+# Steps, cheap and most informative first (GPU_PROOF_STEPS picks them, in this order whatever the list's order):
+#   env      nvidia-smi, python/torch/CUDA/cuDNN versions; fails (and stops the rest) if torch sees no GPU
+#   install  the wheels in $GPU_PROOF_CARRY (benchmarks/gpu_wheels.sh made them) with --no-index --no-deps:
+#            hydra-core, omegaconf, antlr4, cbam-train; the image's torch is never touched
+#   data     unpacks the CIFAR-10 JPEG training split from the carry folder; looks for the ImageNet weights
+#   bench    task=bench over BENCH_RUNS (precision:batch:compile), then picks the fastest setting per batch size
+#   profile  torch.profiler over 20 steps at batch 64 and 512 with the picked settings: top kernels by time
+#   seed     experiment=seed (50 epochs, 3 stages, batch 64) on the real images, with the batch-64 pick
+#   fast     experiment=fast (40 epochs, batch 512) on the real images, with the batch-512 pick
+# A second call on a fresh machine has no picks.env: pass what the first printed, e.g.
+#   GPU_PROOF_PICK_512='device.precision=bf16 device.compile=true device.compile_mode=default'
+# Every step has its own time limit (T_* below, printed at the start), cut to what the whole-script deadline
+# (T_TOTAL from the start) leaves; a step that fails or times out is recorded and the next one runs.
+# $OUT gets: gpu_proof.log (everything printed), steps.tsv (step, exit status, seconds, note) and
+# gpu_proof_runs.tar.gz (every run dir without checkpoints/model.pt: bench.json, summary.json, metrics.jsonl,
+# curves.png, train.log, .hydra/; the per-step logs; the profiler tables).
+set -u
+
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+ROOT="$(cd "$(dirname "$SELF")/.." && pwd)"
+
+export GPU_PROOF_SMOKE="${GPU_PROOF_SMOKE:-0}"
+export OUT="${OUT:-$ROOT/gpu_proof_out}"
+export GPU_PROOF_CARRY="${GPU_PROOF_CARRY:-$ROOT/gpu_carry}"
+export GPU_PROOF_WORK="${GPU_PROOF_WORK:-/tmp/gpu_proof}"
+export GPU_PROOF_STEPS="${GPU_PROOF_STEPS:-env,install,data,bench,profile,seed,fast}"
+export PY="${PY:-python3}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TERM=dumb
+
+# Time limits in seconds. T_TOTAL keeps the whole script well inside one 600 s device command.
+if [ "$GPU_PROOF_SMOKE" = 1 ]; then
+  : "${T_TOTAL:=170}" "${T_ENV:=30}" "${T_INSTALL:=30}" "${T_DATA:=30}" "${T_BENCH:=60}" "${T_BENCH_RUN:=45}"
+  : "${T_PROFILE:=30}" "${T_SEED:=45}" "${T_FAST:=45}" "${T_COLLECT:=20}"
+else
+  : "${T_TOTAL:=540}" "${T_ENV:=45}" "${T_INSTALL:=90}" "${T_DATA:=60}" "${T_BENCH:=220}" "${T_BENCH_RUN:=90}"
+  : "${T_PROFILE:=75}" "${T_SEED:=240}" "${T_FAST:=240}" "${T_COLLECT:=30}"
+fi
+export T_TOTAL T_ENV T_INSTALL T_DATA T_BENCH T_BENCH_RUN T_PROFILE T_SEED T_FAST T_COLLECT
+
+# What each step runs. On the GPU: the real images at full size. Smoke: tiny images, few of them, 1-epoch stages.
+if [ "$GPU_PROOF_SMOKE" = 1 ]; then
+  : "${DEVICE:=cpu}"
+  : "${BENCH_RUNS:=fp32:16:off}"        # precision:batch:compile (off | default | reduce-overhead)
+  : "${BENCH_SECONDS:=1}"
+  SIZE_ARGS="data.image_size=8 data.limit=32 data.val_size=20 data.eval_batch_size=32 data.num_workers=0"
+  SEED_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.head.epochs=1 schedule.stages.high.epochs=1 schedule.stages.full.epochs=1"
+  FAST_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.all.epochs=1 schedule.stages.all.sched.warmup_epochs=0"
+  BENCH_EXTRA="stage=full bench.max_steps=2 bench.warmup_steps=1"
+  PROFILE_BATCHES="16"
+  : "${PROFILE_STEPS:=3}" "${PROFILE_WARMUP:=1}"
+else
+  : "${DEVICE:=cuda}"
+  # eager first (cheap), then the compiled runs most likely to win: CUDA graphs at batch 64, where a step is
+  # launch-bound; fp32 compiled last. Compiled runs time stage `full` only (one compile instead of three).
+  : "${BENCH_RUNS:=bf16:512:off bf16:64:off bf16:64:reduce-overhead bf16:512:default fp32:512:off fp32:64:off bf16:512:reduce-overhead bf16:64:default fp32:64:reduce-overhead fp32:512:default fp32:64:default fp32:512:reduce-overhead}"
+  : "${BENCH_SECONDS:=1.5}"
+  SIZE_ARGS=""
+  SEED_SIZE=""
+  FAST_SIZE=""
+  BENCH_EXTRA=""
+  PROFILE_BATCHES="64 512"
+  : "${PROFILE_STEPS:=20}" "${PROFILE_WARMUP:=5}"
+fi
+export PROFILE_STEPS PROFILE_WARMUP DEVICE BENCH_RUNS BENCH_SECONDS SIZE_ARGS SEED_SIZE FAST_SIZE BENCH_EXTRA PROFILE_BATCHES
+export DATA_ROOT="$GPU_PROOF_WORK/data/cifar10-jpeg"
+export RUNS="$GPU_PROOF_WORK/runs" LOGS="$GPU_PROOF_WORK/logs"
+WEIGHTS_FILE=resnet18-f37072fd.pth   # torchvision's ResNet18_Weights.IMAGENET1K_V1
+
+cli() { "$PY" -m cbam_train "$@"; }
+
+left_s() { echo $(( GPU_PROOF_DEADLINE - $(date +%s) )); }
+
+record() {  # step, exit status, seconds, note
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$OUT/steps.tsv"
+  echo "--- $1: exit $2 after $3 s${4:+ ($4)}"
+}
+
+status_note() {
+  case "$1" in
+    0) echo ok ;; 124) echo "timed out after $2 s" ;; 137) echo "killed after $2 s" ;; *) echo failed ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+step_env() {
+  if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+  echo "uname: $(uname -a)"; echo "nproc: $(nproc)"; free -g 2>/dev/null | head -2
+  "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|torchvision|triton|hydra-core|omegaconf|antlr4-python3-runtime|matplotlib|numpy|pillow|pyyaml|rich|cbam-train) '
+  "$PY" - <<'EOF'
+import os, platform, sys
+import torch
+print(f"python {platform.python_version()} ({sys.executable})")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
+          f"bf16 {torch.cuda.is_bf16_supported()}")
+elif os.environ.get("GPU_PROOF_SMOKE") == "1":
+    print("torch sees no GPU (smoke mode: the steps run on the CPU)")
+else:
+    sys.exit("torch sees no GPU: the remaining steps would measure the CPU")
+EOF
+}
+
+step_install() {
+  shopt -s nullglob
+  local wheels=("$GPU_PROOF_CARRY"/*.whl)
+  if [ "${#wheels[@]}" = 0 ]; then
+    if [ "$GPU_PROOF_SMOKE" = 1 ]; then echo "no wheels in $GPU_PROOF_CARRY: nothing to install (smoke)"; return 0; fi
+    echo "no wheels in $GPU_PROOF_CARRY: run benchmarks/gpu_wheels.sh PYTHON_VERSION first"; return 1
+  fi
+  printf '  %s\n' "${wheels[@]##*/}"
+  local torch_before; torch_before="$("$PY" -c 'import torch; print(torch.__version__)')"
+  # --no-deps: only the carried wheels go in; the image's torch, torchvision, matplotlib... stay as they are
+  "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --find-links "$GPU_PROOF_CARRY" \
+    "${wheels[@]}" || return 1
+  "$PY" - "$torch_before" <<'EOF' || return 1
+import sys
+import antlr4, hydra, matplotlib, omegaconf, torch, torchvision
+import cbam_train.cli
+from importlib.metadata import version
+print("installed:", ", ".join(f"{n} {version(n)}" for n in
+      ("hydra-core", "omegaconf", "antlr4-python3-runtime", "cbam-train", "matplotlib", "torch", "torchvision")))
+if torch.__version__ != sys.argv[1]:
+    sys.exit(f"torch changed: {sys.argv[1]} -> {torch.__version__}")
+EOF
+  "$PY" -m pip check || echo "(pip check complained: see above; the imports worked)"
+}
+
+step_data() {
+  local tarball="$GPU_PROOF_CARRY/cifar10-jpeg-train.tar.gz"
+  [ -f "$tarball" ] || tarball="$ROOT/../shared/data/cifar10-jpeg/train.tar.gz"   # a local run beside shared/
+  if [ -d "$DATA_ROOT/train" ]; then
+    echo "already unpacked: $DATA_ROOT"
+  else
+    [ -f "$tarball" ] || { echo "no CIFAR-10 JPEG tarball in $GPU_PROOF_CARRY"; return 1; }
+    mkdir -p "$DATA_ROOT" && tar -xzf "$tarball" -C "$DATA_ROOT" || return 1
+  fi
+  echo "images: $(find "$DATA_ROOT/train" -type f | wc -l) in $(find "$DATA_ROOT/train" -mindepth 1 -maxdepth 1 -type d | wc -l) classes"
+  local hub; hub="$("$PY" -c 'import torch; print(torch.hub.get_dir())')/checkpoints"
+  if [ ! -f "$hub/$WEIGHTS_FILE" ] && [ -f "$GPU_PROOF_CARRY/$WEIGHTS_FILE" ]; then
+    mkdir -p "$hub" && cp "$GPU_PROOF_CARRY/$WEIGHTS_FILE" "$hub/"
+  fi
+  if [ "$GPU_PROOF_SMOKE" != 1 ] && [ -f "$hub/$WEIGHTS_FILE" ]; then
+    echo "ImageNet weights: $hub/$WEIGHTS_FILE: the seed recipe runs pretrained"; echo true >"$GPU_PROOF_WORK/pretrained"
+  else
+    echo "ImageNet weights: not at $hub/$WEIGHTS_FILE (or smoke mode): the seed recipe runs with model.pretrained=false (from random weights: its accuracy is not the recipe's)"
+    echo false >"$GPU_PROOF_WORK/pretrained"
+  fi
+}
+
+bench_args() {  # precision:batch:compile -> overrides
+  local p b c; IFS=: read -r p b c <<<"$1"
+  echo "device.precision=$p data.batch_size=$b"
+  case "$c" in
+    off) ;;
+    *) echo "device.compile=true device.compile_mode=$c" ;;
+  esac
+}
+
+step_bench() {
+  local failed=0 bench_end=$(( $(date +%s) + T_BENCH ))
+  for spec in $BENCH_RUNS; do
+    local name="bench-${spec//:/-}" left=$(( bench_end - $(date +%s) ))
+    if [ -f "$RUNS/$name/bench.json" ]; then echo "$name: done earlier"; continue; fi
+    if (( left < 15 )); then record "bench/$spec" - 0 "skipped: bench budget spent"; continue; fi
+    local t=$(( T_BENCH_RUN < left ? T_BENCH_RUN : left )) stage=""
+    [ "${spec##*:}" = off ] || stage="stage=full"
+    echo "=== $name (limit $t s)"
+    local t0=$SECONDS
+    # shellcheck disable=SC2046
+    timeout -k 5 "$t" "$PY" -m cbam_train task=bench data=imagefolder data.root="$DATA_ROOT" device="$DEVICE" \
+      $(bench_args "$spec") $stage bench.seconds="$BENCH_SECONDS" $BENCH_EXTRA $SIZE_ARGS log.mode=plain \
+      hydra.run.dir="$RUNS/$name"
+    local rc=$?
+    record "bench/$spec" "$rc" $(( SECONDS - t0 )) "$(status_note "$rc" "$t")"
+    [ "$rc" = 0 ] || failed=1
+  done
+  pick_fastest
+  return $failed
+}
+
+pick_fastest() {  # the bench.json files -> a table, and $GPU_PROOF_WORK/picks.env: the fastest overrides per batch
+  "$PY" - "$RUNS" "$GPU_PROOF_WORK/picks.env" <<'EOF'
+import json, sys
+from pathlib import Path
+runs, picks_file = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for f in sorted(runs.glob("bench-*/bench.json")):
+    r = json.loads(f.read_text())
+    p, b, c = f.parent.name.split("-", 1)[1].split("-", 2)
+    rows.append((p, int(b), c, r))
+fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"
+print(f"{'precision':>9} {'batch':>5} {'compile':>15} {'e2e':>9} {'train full':>10} {'bare full':>9} "
+      f"{'loader':>9} {'augment':>9} {'eval':>9} {'overhead%':>9} {'peak MB':>8}")
+for p, b, c, r in rows:
+    full = list(r["train_images_per_s"])[-1]
+    print(f"{p:>9} {b:>5} {c:>15} {fmt(r['train_end_to_end_images_per_s']):>9} {fmt(r['train_images_per_s'][full]):>10} "
+          f"{fmt(r['bare_step_images_per_s'][full]):>9} {fmt(r['loader_images_per_s']):>9} "
+          f"{fmt(r['augment_images_per_s']):>9} {fmt(r['eval_images_per_s']):>9} {r['loop_overhead_pct']:>9.1f} "
+          f"{r['peak_memory_mb']:>8.0f}")
+lines = []
+for b in sorted({b for _, b, _, _ in rows}):
+    p, _, c, r = max((row for row in rows if row[1] == b), key=lambda row: row[3]["train_end_to_end_images_per_s"])
+    args = f"device.precision={p}" + ("" if c == "off" else f" device.compile=true device.compile_mode={c}")
+    lines.append(f"PICK_{b}='{args}'")
+    e2e, full = r["train_end_to_end_images_per_s"], list(r["train_images_per_s"])[-1]
+    slowest = min((("input pipeline", r["loader_images_per_s"]), ("augmentation", r["augment_images_per_s"] or float("inf")),
+                   ("training step", r["train_images_per_s"][full])), key=lambda kv: kv[1])
+    print(f"batch {b}: fastest {args} ({e2e:,.0f} images/s end to end); slowest part: {slowest[0]} "
+          f"({slowest[1]:,.0f} images/s); loop overhead {r['loop_overhead_pct']:.1f}% over the bare step")
+picks_file.write_text("\n".join(lines) + "\n")
+EOF
+}
+
+pick_for() {  # batch size -> GPU_PROOF_PICK_<batch> if set, else the bench step's pick, else bf16 eager
+  local forced="GPU_PROOF_PICK_$1"
+  if [ -n "${!forced:-}" ]; then echo "${!forced}"; return; fi
+  local PICK_64="" PICK_512="" PICK_16=""
+  # shellcheck disable=SC1091
+  [ -f "$GPU_PROOF_WORK/picks.env" ] && . "$GPU_PROOF_WORK/picks.env"
+  local var="PICK_$1" default="device.precision=bf16"
+  [ "$GPU_PROOF_SMOKE" = 1 ] && default="device.precision=fp32"
+  echo "${!var:-$default}"
+}
+
+step_profile() {
+  local failed=0
+  for b in $PROFILE_BATCHES; do
+    local pick; pick="$(pick_for "$b")"
+    echo "=== profile at batch $b: $pick"
+    # shellcheck disable=SC2086
+    "$PY" "$ROOT/benchmarks/gpu_profile.py" "$RUNS/profile-b$b" data=synthetic device="$DEVICE" \
+      data.batch_size="$b" $pick $SIZE_ARGS || failed=1
+  done
+  return $failed
+}
+
+step_seed() {
+  local pretrained=false pick; pick="$(pick_for 64)"
+  [ -f "$GPU_PROOF_WORK/pretrained" ] && pretrained="$(cat "$GPU_PROOF_WORK/pretrained")"
+  echo "experiment=seed with $pick model.pretrained=$pretrained"
+  # shellcheck disable=SC2086
+  cli experiment=seed data=imagefolder data.root="$DATA_ROOT" device="$DEVICE" $pick model.pretrained="$pretrained" \
+    $SIZE_ARGS $SEED_SIZE log.mode=plain hydra.run.dir="$RUNS/seed"
+}
+
+step_fast() {
+  local pick; pick="$(pick_for 512)"
+  [ "$GPU_PROOF_SMOKE" = 1 ] && pick="$(pick_for 16)"
+  echo "experiment=fast with $pick"
+  # shellcheck disable=SC2086
+  cli experiment=fast data=imagefolder data.root="$DATA_ROOT" device="$DEVICE" $pick $SIZE_ARGS $FAST_SIZE \
+    log.mode=plain hydra.run.dir="$RUNS/fast"
+}
+
+# ------------------------------------------------------------------------------------------- the driver
+
+if [ "${1:-}" = --step ]; then   # one step, in its own process so that `timeout` can stop all of it
+  cd "$ROOT" || exit 1
+  "step_$2"
+  exit $?
+fi
+
+budget_of() { local v="T_${1^^}"; echo "${!v}"; }
+
+main() {
+  cd "$ROOT" || exit 1
+  export GPU_PROOF_DEADLINE=$(( $(date +%s) + T_TOTAL ))
+  echo "gpu_proof: $(date -u +%FT%TZ), smoke=$GPU_PROOF_SMOKE, steps=$GPU_PROOF_STEPS, device=$DEVICE"
+  echo "OUT=$OUT CARRY=$GPU_PROOF_CARRY WORK=$GPU_PROOF_WORK PY=$PY"
+  echo "time limits (s): total $T_TOTAL; env $T_ENV, install $T_INSTALL, data $T_DATA, bench $T_BENCH" \
+       "(each run $T_BENCH_RUN), profile $T_PROFILE, seed $T_SEED, fast $T_FAST, collect $T_COLLECT"
+  echo "bench runs (precision:batch:compile): $BENCH_RUNS; bench.seconds=$BENCH_SECONDS"
+  local stop=""
+  for name in env install data bench profile seed fast; do
+    [[ ",$GPU_PROOF_STEPS," == *",$name,"* ]] || continue
+    if [ -n "$stop" ]; then record "$name" - 0 "skipped: $stop"; continue; fi
+    local budget left t t0 rc
+    budget="$(budget_of "$name")"; left=$(( $(left_s) - T_COLLECT ))
+    if (( left < 10 )); then record "$name" - 0 "skipped: no time left (T_TOTAL $T_TOTAL s)"; continue; fi
+    t=$(( budget < left ? budget : left ))
+    echo; echo "=== step $name (limit $t s of its $budget s; $left s left before collect) $(date -u +%T)"
+    t0=$SECONDS
+    mkdir -p "$LOGS"
+    timeout -k 10 "$t" bash "$SELF" --step "$name" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    record "$name" "$rc" $(( SECONDS - t0 )) "$(status_note "$rc" "$t")"
+    if [ "$name" = env ] && [ "$rc" != 0 ]; then stop="step env failed (no GPU?)"; fi
+    if [ "$name" = install ] && [ "$rc" != 0 ]; then stop="step install failed"; fi
+  done
+
+  echo; echo "=== collect $(date -u +%T)"
+  local tarball="$OUT/gpu_proof_runs.tar.gz"
+  local found=() f
+  for f in runs logs picks.env pretrained; do [ -e "$GPU_PROOF_WORK/$f" ] && found+=("$f"); done
+  ( cd "$GPU_PROOF_WORK" && timeout "$T_COLLECT" tar -czf "$tarball" --exclude=checkpoints --exclude=model.pt \
+      --exclude=.cbam-cache "${found[@]}" ) || echo "collect: tar failed (exit $?)"
+  ls -l "$tarball" 2>/dev/null
+  if [ -f "$tarball" ] && (( $(stat -c %s "$tarball") > 16 * 1024 * 1024 )); then
+    echo "warning: $tarball is over 16 MiB and will not come back from the device machine"
+  fi
+
+  echo; echo "=== summary (step, exit status, seconds, note; '-' = not run)"
+  column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
+  [ -f "$GPU_PROOF_WORK/picks.env" ] && { echo "picked:"; cat "$GPU_PROOF_WORK/picks.env"; }
+  for f in "$RUNS"/seed/summary.json "$RUNS"/fast/summary.json; do
+    [ -f "$f" ] && "$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-2], \
+'best_val_acc', s.get('best_val_acc'), 'final_val_acc', s.get('final_val_acc'), 'epochs', s.get('epochs_run'), \
+'wall_time_s', s.get('wall_time_s'))" "$f"
+  done
+  awk -F'\t' '$2 != "0" && $2 != "-" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"
+}
+
+mkdir -p "$OUT" "$GPU_PROOF_WORK"
+: >"$OUT/steps.tsv"
+main 2>&1 | tee "$OUT/gpu_proof.log"
+exit "${PIPESTATUS[0]}"
