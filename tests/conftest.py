@@ -139,3 +139,18 @@ def write_cifar(root: Path, meta_key="label_names", meta_names=None, per_batch: 
     names = meta_names if meta_names is not None else [n.encode() for n in CIFAR_NAMES]
     _write_pickle(base / "batches.meta", {meta_key: names, b"num_cases_per_batch": per_batch, b"num_vis": 3072})
     return written
+
+
+# The run task=predict and task=export read (tests/test_predict.py, tests/test_export.py), trained once per session.
+SMOKE_RUN = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "data.val_size=16", "data.test_size=16",
+             "data.batch_size=16", "log.mode=plain", "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1",
+             "schedule.stages.full.epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A tiny smoke run (3 stages x 1 epoch, 8x8 images, 16 val images) through the CLI: its run dir."""
+    tmp = tmp_path_factory.mktemp("trained")
+    proc = run_cli(SMOKE_RUN + [f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run"

@@ -15,7 +15,7 @@ from cbam_train.export import (RELATIVE_TOLERANCE, Normalised, compare, export_o
                                exported_runner)
 from cbam_train.models import build_model
 from conftest import compose_config, run_cli
-from test_predict import TINY, cli_main, random_model, trained  # noqa: F401 (fixtures)
+from test_predict import TINY, cli_main, random_model  # noqa: F401 (fixtures)
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -105,7 +105,7 @@ def test_export_of_a_hostile_pickle_runs_nothing(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("torchscript", "model.ts")])
-def test_export_through_the_cli_loads_without_cbam_train(trained, fmt, name, tmp_path):  # noqa: F811
+def test_export_through_the_cli_loads_without_cbam_train(trained, fmt, name, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(["task=export", f"checkpoint={trained / 'checkpoints' / 'last.pt'}", f"export.format={fmt}",
                     "log.mode=plain", f"hydra.run.dir={out}"], cwd=tmp_path)

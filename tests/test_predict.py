@@ -20,12 +20,10 @@ from cbam_train.imagefolder import ImageFiles, decode_image
 from cbam_train.loaders import build_eval_loader
 from cbam_train.models import build_model
 from cbam_train.predict import PredictError, find_inputs, predictions_csv
-from conftest import compose_config, run_cli
+from conftest import SMOKE_RUN, compose_config, run_cli
 from test_bad_input import hostile_file
 
-TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "data.val_size=16", "data.test_size=16",
-        "data.batch_size=16", "log.mode=plain", "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1",
-        "schedule.stages.full.epochs=1"]
+TINY = SMOKE_RUN  # the trained run's own settings (conftest.trained)
 
 
 def save_png(path: Path, array: np.ndarray) -> Path:
@@ -186,15 +184,6 @@ def test_bad_predict_input_is_one_line(make, random_model, tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------- the real CLI on a trained run
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny smoke run (3 stages x 1 epoch, 8x8 images, 16 val images): its run dir."""
-    tmp = tmp_path_factory.mktemp("trained")
-    proc = run_cli(TINY + [f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "run"
-
 
 def read_csv(path: Path) -> list:
     with open(path, newline="") as f:
