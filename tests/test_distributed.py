@@ -35,6 +35,16 @@ def single(args: list, cwd: Path, float64: bool = False) -> subprocess.Completed
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def float64_weights_match(a: Path, b: Path) -> tuple:
+    """Two float64 runs' model.pt agree within 1e-9 on every float tensor (see the tolerance argument below);
+    returns both state dicts."""
+    sa, sb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert sa["fc.weight"].dtype == torch.float64  # the runs really were float64
+    worst = max((sa[k] - sb[k]).abs().max().item() for k in sa if sa[k].is_floating_point())
+    assert worst <= 1e-9, worst
+    return sa, sb
+
+
 def rows(run: Path) -> list:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -87,10 +97,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
         assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
         assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]
-    sa, sb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("one", "two"))
-    assert sa["fc.weight"].dtype == torch.float64  # the runs really were float64
-    worst = max((sa[k] - sb[k]).abs().max().item() for k in sa if sa[k].is_floating_point())
-    assert worst <= 1e-9, worst
+    sa, sb = float64_weights_match(tmp_path / "one", tmp_path / "two")
     assert all(torch.equal(sa[k], sb[k]) for k in sa if not sa[k].is_floating_point())
 
 
