@@ -1,6 +1,5 @@
 """Staged unfreezing: stage selection, lr per stage, which parameters train, and what frozen really means."""
 
-
 import pytest
 import torch
 from torch import nn
