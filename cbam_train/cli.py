@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from hydra.core.config_store import ConfigStore
 
-from cbam_train.config import Config, UserError
+from cbam_train.config import CHECKPOINT_TASKS, Config, UserError
 from cbam_train.validation import validate
 from cbam_train.console import CapturedStderr, fail, print_error, release_stderr
 from cbam_train.launchers import is_main_process, submitit_ranks
@@ -55,11 +55,11 @@ def _quoted(path: Path) -> str:
 
 
 def with_recorded_overrides(args: list) -> list:
-    """`resume=PATH` and `task=eval|predict|export checkpoint=PATH` re-create the run's config: its recorded overrides come
+    """`resume=PATH` and `task=eval|predict|export|explain checkpoint=PATH` re-create the run's config: its recorded overrides come
     first and the ones given now win; a resume also writes into the run's own dir (hydra.run.dir)."""
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     resume, ckpt = _value(overrides, "resume"), _value(overrides, "checkpoint")
-    target = resume if resume else ckpt if _value(overrides, "task") in ("eval", "predict", "export") else None
+    target = resume if resume else ckpt if _value(overrides, "task") in CHECKPOINT_TASKS else None
     if not target:
         return args
     if resume and any(a in ("-m", "--multirun") for a in args):
@@ -151,6 +151,10 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
         from cbam_train.predict import run_predict
 
         result = run_predict(cfg, run_dir, record)
+    elif cfg.task == "explain":
+        from cbam_train.explain import run_explain
+
+        result = run_explain(cfg, run_dir, record)
     elif cfg.task == "export":
         from cbam_train.export import run_export
 

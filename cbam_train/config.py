@@ -164,6 +164,8 @@ class LogConfig:
     every_n_steps: int = 50  # plain mode: one line every N batches; also how often the bar syncs
     curves_every_s: Optional[float] = 20.0  # redraw curves.png after an epoch if this long since the last (0: every
     # epoch; null: never); always drawn at the end of the run
+    attention_report: bool = True  # at each stage end: attention/stage<k>-<name>.png (+ -gates.png) from the val
+    # split and one row per CBAM module in attention.jsonl (see task=explain)
 
 
 @dataclass
@@ -226,6 +228,15 @@ class ExportConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """task=explain (and log.attention_report): which images the attention pictures look at."""
+
+    split: str = "val"  # val (the held-out validation split, as training made it) | test
+    per_class: int = 2  # images per class: the first ones of each class in the split's fixed order
+    all_blocks: bool = False  # placement=block: every block's CBAM (8), not only each stage's last block
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,19 +253,21 @@ class Config:
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     stage: str = "all"  # all | 1-based stage number | stage name
     lr: Optional[float] = None  # lr of the first stage that runs; later stages keep their ratio
     init_from: Optional[str] = None  # weights to start from (e.g. stage 1's model.pt for stage=2)
     resume: Optional[str] = None  # a run dir or checkpoint file: continue that run exactly (into its run dir)
-    checkpoint: Optional[str] = None  # task=eval|predict|export: a model.pt or checkpoint file
+    checkpoint: Optional[str] = None  # task=eval|predict|export|explain: a model.pt or checkpoint file
     inputs: Optional[str] = None  # task=predict: an image file, a folder (searched recursively) or a glob
     seed: int = 0
-    task: str = "train"  # train | eval | bench | lr_find | predict | export
+    task: str = "train"  # train | eval | bench | lr_find | predict | export | explain
     optimized_metric: str = "best_val_acc"  # task=train: the summary.json field returned to a sweeper (Optuna)
     experiment: Optional[str] = None  # name of the experiment preset, set by conf/experiment/*.yaml
 
 
-TASKS = ("train", "eval", "bench", "lr_find", "predict", "export")
+TASKS = ("train", "eval", "bench", "lr_find", "predict", "export", "explain")
+CHECKPOINT_TASKS = ("eval", "predict", "export", "explain")  # tasks that read checkpoint= (and its run's config)
 EXPORT_FORMATS = ("onnx", "torchscript")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

@@ -243,16 +243,18 @@ def _step(opt: torch.optim.Optimizer, setup: EpochSetup, progress: EpochState, m
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] = None,
-             num_classes: Optional[int] = None, flip_tta: bool = False) -> dict:
+             num_classes: Optional[int] = None, flip_tta: bool = False, per_sample: bool = False) -> dict:
     """Mean loss and accuracy over a loader, model in eval mode; with num_classes also the confusion
     matrix (rows: true class, columns: predicted) as nested lists. flip_tta averages the logits of each
-    image and its horizontal mirror."""
+    image and its horizontal mirror. per_sample adds "samples": each image's loss, prediction and its
+    probability (CPU tensors, in loader order)."""
     amp = amp or Amp()
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes or 1, num_classes or 1, device=device, dtype=torch.long)
     n = 0
+    samples: list = []
     for x, y in loader:
         x = x.to(device, non_blocking=True, memory_format=amp.memory_format)
         y = y.to(device, non_blocking=True)
@@ -262,6 +264,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] 
                 logits = (logits + model(x.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
+        if per_sample:  # its own pass: the summed loss above stays bit-identical to training's val/test loss
+            samples.append((F.cross_entropy(logits, y, reduction="none"), pred,
+                            logits.softmax(1).gather(1, pred[:, None])[:, 0]))
         correct += (pred == y).sum()
         if num_classes:
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view_as(confusion)
@@ -271,4 +276,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] 
     out = {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
     if num_classes:
         out["confusion"] = confusion.cpu().tolist()
+    if per_sample:
+        out["samples"] = {k: torch.cat([s[i] for s in samples]).cpu() for i, k in enumerate(("loss", "pred", "prob"))}
     return out

@@ -9,21 +9,25 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from rich.table import Table
 
 from cbam_train.atomic import write_json_atomic
 from cbam_train.checkpoint import load_strict, read_weights
 from cbam_train.config import Config, UserError
-from cbam_train.data import build_splits
+from cbam_train.data import ImageDataset, build_splits
 from cbam_train.device import available_cpus, resolve_device, setup_device
 from cbam_train.engine import evaluate
 from cbam_train.loaders import build_eval_loader, choose_loader, shutdown_workers
 from cbam_train.models import build_model
+from cbam_train.pictures import draw_confusion, draw_top_losses
+from cbam_train.plots import safe_draw
 from cbam_train.report import Reporter
 from cbam_train.run_state import ema_weights, normalisation
 from cbam_train.rundir import check_run_dir, write_record
 
-EVAL_FILES = ("eval.json", "train.log")
+EVAL_FILES = ("eval.json", "confusion.png", "top_losses.png", "train.log")
+TOP_LOSSES = 16  # images in top_losses.png, as fastai's plot_top_losses shows by default (k=9) and a 4x4 grid fits
 
 
 def saved_normalisation(path: Path, ckpt: Optional[dict]) -> tuple:
@@ -71,7 +75,8 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
                                    min(cfg.data.num_workers, available_cpus()))
         amp = setup_device(model, cfg.device, device)
         try:
-            res = evaluate(model, loader, device, amp, num_classes=len(splits.classes), flip_tta=cfg.eval.flip_tta)
+            res = evaluate(model, loader, device, amp, num_classes=len(splits.classes), flip_tta=cfg.eval.flip_tta,
+                           per_sample=True)
         finally:
             shutdown_workers(loader)
         confusion = res["confusion"]
@@ -82,15 +87,45 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None) -> dict:
                "confusion": confusion, "weights": weights, "flip_tta": cfg.eval.flip_tta, "device": str(device),
                "precision": amp.name,
                "wall_time_s": round(time.perf_counter() - t0, 3)}
+        out["top_losses"] = top_losses(res["samples"], readable_positions(ds), ds, splits.classes)
         write_json_atomic(run_dir / "eval.json", out)
+        draw_eval_pictures(out, ds, run_dir, f"{path} | {cfg.eval.split} split | {weights} weights", rep.warn)
         rep.print(eval_tables(out), quiet_too=True)
-        rep.print(f"wrote {run_dir / 'eval.json'}")
+        rep.print(f"wrote {run_dir / 'eval.json'}, confusion.png and top_losses.png")
         return out
     except UserError as e:
         rep.log_only(f"error: {e}")
         raise
     finally:
         rep.close()
+
+
+def readable_positions(ds: ImageDataset) -> list:
+    """The split positions the eval loader yields, in order (data.bad_images=skip leaves unreadable ones out)."""
+    bad = getattr(ds.load, "bad", None) or ()
+    return [p for p in range(len(ds)) if int(ds.indices[p]) not in bad]
+
+
+def top_losses(samples: dict, positions: list, ds: ImageDataset, classes: list, k: int = TOP_LOSSES) -> list:
+    """The k highest-loss images: split position, source index, true and predicted class, its probability, loss."""
+    order = torch.argsort(samples["loss"], descending=True, stable=True)[:k].tolist()
+    targets = ds.targets()
+    return [{"position": positions[i], "index": int(ds.indices[positions[i]]),
+             "true": classes[int(targets[positions[i]])], "pred": classes[int(samples["pred"][i])],
+             "prob": float(samples["prob"][i]), "loss": float(samples["loss"][i])} for i in order]
+
+
+def draw_eval_pictures(out: dict, ds: ImageDataset, run_dir: Path, title: str, warn) -> None:
+    """confusion.png (row-normalised) and top_losses.png, as fastai's ClassificationInterpretation draws them."""
+    safe_draw(lambda: draw_confusion(out["confusion"], out["classes"], run_dir / "confusion.png",
+                                     f"{title}\nconfusion, row-normalised (%): accuracy {100 * out['accuracy']:.2f}%"),
+              run_dir / "confusion.png", warn)
+    worst = out["top_losses"]
+    images = torch.stack([ds.load(r["index"]) for r in worst]) if worst else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    titles = [f"{r['true']} -> {r['pred']}\np {r['prob']:.2f} | loss {r['loss']:.2f}" for r in worst]
+    safe_draw(lambda: draw_top_losses(images, titles, run_dir / "top_losses.png",
+                                      f"{title}\nthe {len(worst)} highest-loss images (true -> predicted)"),
+              run_dir / "top_losses.png", warn)
 
 
 def eval_tables(out: dict) -> Table:

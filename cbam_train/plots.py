@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 BAND_COLOURS = ("#dbe9f6", "#fde9d0", "#e2f0d9", "#ece2f0", "#f8e0e0")
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -19,19 +19,19 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     """Write through a temp file and rename, so a viewer never opens half a PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
 
 
-def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
+def draw_curves(rows: list, stages: list, path: Path, title: str = "", test_acc: Optional[float] = None) -> None:
     """Loss and accuracy per epoch (train vs val), each stage a shaded band with its name, lr on a
-    secondary log axis. `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
+    secondary log axis, and the final test accuracy (when there is one) as a star after the last epoch. `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
     first_epoch, last_epoch, lr, epochs), so a running job already shows the whole schedule (moved up where a
     plateau ended a stage early)."""
-    fig = _figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     stages = actual_spans(stages, rows)
     epochs = [r["epoch"] for r in rows]
@@ -50,6 +50,9 @@ def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
         ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], style, ms=3, label=f"{label} loss")
         ax_acc.plot(epochs, [None if r[f"{key}_acc"] is None else 100 * r[f"{key}_acc"] for r in rows], style,
                     ms=3, label=f"{label} acc")
+    if test_acc is not None and epochs:
+        ax_acc.plot([epochs[-1]], [100 * test_acc], "*", ms=11, color="#c44e52", zorder=5,
+                    label=f"test acc {100 * test_acc:.2f}%")
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("accuracy (%)")
     lr_ax = ax_loss.twinx()  # the planned lr per epoch, as steps
@@ -66,12 +69,12 @@ def draw_curves(rows: list, stages: list, path: Path, title: str = "") -> None:
     ax_acc.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     """Best val accuracy per job: one bar per job labelled with its overrides; failed jobs as red 'failed'."""
-    fig = _figure(max(6.0, 1.2 * len(jobs) + 2), 4.5)
+    fig = new_figure(max(6.0, 1.2 * len(jobs) + 2), 4.5)
     ax = fig.subplots()
     # 'model.cbam.reduction=8' -> 'reduction=8', Optuna's 'lr=0.0012520653814999472' -> 'lr=0.00125': the full
     # overrides are in sweep_summary.csv
@@ -87,7 +90,7 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     ax.set_xticks(range(len(jobs)), labels, fontsize=7)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
@@ -95,7 +98,7 @@ def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
     as a dashed line with its value and the fitted line whose slope chose it; where the sweep stopped early."""
     import math
 
-    fig = _figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5)
     ax = fig.subplots()
     lrs, stage, s = out["lrs"], out["stage"]["name"], out["suggestion"]
     losses = [math.nan if v is None else v for v in out["losses"]]
@@ -125,7 +128,7 @@ def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
     ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _short_key(override: str) -> str:

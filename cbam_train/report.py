@@ -61,6 +61,7 @@ class Reporter:
         # counts from boot, so a number here would throttle the first epoch on a machine up for < curves_every_s)
         self.curves_every_s, self._clock, self._drawn_at, self._drawn_rows = curves_every_s, clock, None, -1
         self._stages: list = []
+        self._test_acc: Optional[float] = None  # marked on curves.png once the run has one
 
     def close(self) -> None:
         self.draw_curves(force=True)  # however the run ended, the picture shows every finished epoch
@@ -188,12 +189,15 @@ class Reporter:
             return
         self._drawn_rows = len(self.rows)
         path = self.run_dir / "curves.png"
-        if not safe_draw(lambda: draw_curves(self.rows, self._stages, path, str(self.run_dir)), path, self.warn):
+        if not safe_draw(lambda: draw_curves(self.rows, self._stages, path, str(self.run_dir), self._test_acc),
+                         path, self.warn):
             self.curves_every_s = None  # warned once; do not retry every epoch
         self._drawn_at = self._clock()
 
     def summary(self, s: dict) -> None:
         write_json_atomic(self.run_dir / "summary.json", s)
+        if s.get("test_acc") is not None:  # close() redraws curves.png with the final test accuracy marked
+            self._test_acc, self._drawn_rows = s["test_acc"], -1
         t = Table(title="summary", show_header=False)
         t.add_column("", style="bold")
         t.add_column("")

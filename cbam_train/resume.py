@@ -21,7 +21,7 @@ REFUSED = ("model.name", "model.num_classes", "model.stem", "model.cbam.", "data
 HARMLESS = ("log.", "bench.", "eval.split", "task", "resume", "checkpoint", "init_from", "experiment",
             "model.pretrained", "model.weights", "data.download", "data.num_workers", "data.memory_budget_mb",
             "train.checkpoint_every_n_epochs", "train.checkpoint_every_n_steps", "sweep.", "logger.", "lr_find.",
-            "predict.", "export.", "inputs")
+            "predict.", "export.", "explain.", "inputs")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -43,6 +43,7 @@ class Run:
     checkpointer: Checkpointer
     stopper: Stopper
     resumed_from: Optional[Path] = None  # the checkpoint file resumed from
+    attention: Optional[Any] = None  # stage_report.StageAttention (log.attention_report, rank 0), else None
 
     @property
     def eval_model(self) -> nn.Module:

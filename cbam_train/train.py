@@ -22,6 +22,7 @@ from cbam_train.run_state import RunParts, RunState
 from cbam_train.schedule import Stage
 from cbam_train.session import Run, StageSession, open_stage
 from cbam_train.startup import Started, load_weights, prepare_data, stage_table_rows, start_run
+from cbam_train.stage_report import StageAttention
 from cbam_train.stopper import Stopper
 
 
@@ -114,8 +115,12 @@ def _restore(cfg: Config, run_dir: Path, started: Started, overrides: list, stop
         state.restore_position(loaders.generators, loaders.skip_train_batches, dist.rank)
     parts = RunParts(model, amp.scaler, ema, dataclasses.asdict(cfg), overrides, data, dist.world)
     checkpointer = Checkpointer(run_dir, parts, loaders.generators, cfg.train.checkpoint_every_n_epochs, dist)
+    attention = None
+    if cfg.log.attention_report and dist.is_main and len(splits.val):
+        attention = StageAttention(run_dir, splits, cfg.explain.per_class, cfg.explain.all_blocks, cfg.model.cbam.init,
+                                   rep.warn)
     return Run(cfg, run_dir, dist, started.device, rep, started.stages, stage_rows, model, amp, ema, splits, loaders,
-               state, checkpointer, stopper, resume.path if resume is not None else None)
+               state, checkpointer, stopper, resume.path if resume is not None else None, attention)
 
 
 def fit(run: Run) -> None:
@@ -173,6 +178,9 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
         keep_stage_best(run, stage)
     if row["stage_end"]:
         end_stage(run, stage, row["stage_end"])
+        if run.attention is not None:  # before the checkpoint: a run killed while drawing redoes the epoch and this
+            picture, seconds = run.attention.stage_end(run.eval_model, stage, epoch, run.device)
+            run.rep.print(f"attention report: {picture} ({seconds:.1f} s)")
     run.checkpointer.epoch_end(run.state, session, new_best, stage_end=bool(row["stage_end"]),
                                stopping=run.stopper.at_epoch_end())
 

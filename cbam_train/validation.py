@@ -77,7 +77,7 @@ def _check_task(cfg: Config) -> None:
     _choice("task", cfg.task, TASKS)
     if cfg.task == "eval" and not cfg.checkpoint:
         raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
-    if cfg.task in ("predict", "export") and not cfg.checkpoint:
+    if cfg.task in ("predict", "export", "explain") and not cfg.checkpoint:
         raise ConfigError(f"task={cfg.task} needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
     if cfg.task == "predict" and not cfg.inputs:
         raise ConfigError("task=predict needs inputs=PATH (an image file, a folder or a glob such as 'imgs/*.jpg')")
@@ -231,6 +231,8 @@ def _check_run(cfg: Config) -> None:
     _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
 
 
+MAX_EXPLAIN_PER_CLASS = 16
+MAX_EXPLAIN_IMAGES = 160  # rows of attention.png: 160 rows at 1.45 in is a tall but readable picture
 MIN_LR_FIND_STEPS = 10  # fewer points leave no curve to read a slope from
 
 
@@ -259,3 +261,14 @@ def _check_inference(cfg: Config) -> None:
     if e.opset < 18:
         raise ConfigError(f"export.opset must be >= 18 (torch's torch.export-based ONNX exporter), got {e.opset}")
     _positive("export.check_images", e.check_images)
+    x = cfg.explain
+    _choice("explain.split", x.split, ("val", "test"))
+    if not 1 <= x.per_class <= MAX_EXPLAIN_PER_CLASS:
+        raise ConfigError(f"explain.per_class must be >= 1 and <= {MAX_EXPLAIN_PER_CLASS} (one picture row per "
+                          f"image), got {x.per_class}")
+    rows = x.per_class * cfg.model.num_classes
+    if rows > MAX_EXPLAIN_IMAGES and (cfg.task == "explain" or cfg.log.attention_report):
+        raise ConfigError(f"explain.per_class={x.per_class} x {cfg.model.num_classes} classes = {rows} images, more "
+                          f"than attention.png's {MAX_EXPLAIN_IMAGES} rows; set explain.per_class="
+                          f"{max(1, MAX_EXPLAIN_IMAGES // cfg.model.num_classes)}"
+                          + ("" if cfg.task == "explain" else " or log.attention_report=false"))
