@@ -164,6 +164,8 @@ class LogConfig:
     every_n_steps: int = 50  # plain mode: one line every N batches; also how often the bar syncs
     curves_every_s: Optional[float] = 20.0  # redraw curves.png after an epoch if this long since the last (0: every
     # epoch; null: never); always drawn at the end of the run
+    show_config: str = "compact"  # the config at the start of a run: compact (groups, overrides, values that differ
+    # from the defaults) | full (the whole tree) | none; .hydra/config.yaml in the run dir always has all of it
 
 
 @dataclass
@@ -256,5 +258,6 @@ class Config:
 
 TASKS = ("train", "eval", "bench", "lr_find", "predict", "export")
 EXPORT_FORMATS = ("onnx", "torchscript")
+SHOW_CONFIG = ("compact", "full", "none")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")
