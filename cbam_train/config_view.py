@@ -73,7 +73,7 @@ def view_rows(view: ConfigView) -> list:
     if view.changed is not None:
         lines = [change_line(*change) for change in view.changed]
         rows += _block("changed", lines or ["none: every value is its group's default"])
-    rows.append(("full config", f"{view.full_path} (log.show_config=full prints the whole tree)"))
+    rows.append(("full config", f"{view.full_path} (log.show_config=full prints it)"))
     return rows
 
 
