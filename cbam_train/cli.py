@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from hydra.core.config_store import ConfigStore
 
 from cbam_train.config import CHECKPOINT_TASKS, Config, UserError
+from cbam_train.config_view import ConfigView, config_changes
 from cbam_train.validation import validate
 from cbam_train.console import CapturedStderr, fail, print_error, release_stderr
 from cbam_train.launchers import is_main_process, submitit_ranks
@@ -125,6 +126,43 @@ def _os_error_line(text: str) -> str | None:
             "(or hydra.sweep.dir=PATH for -m)")
 
 
+PRESET_GROUPS = ("experiment", "hparams_search")  # groups that change other groups' values
+
+
+def default_config(choices: dict) -> dict:
+    """The config the chosen groups give with no preset and no overrides, resolved, as plain containers."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"{group}={choice}" for group, choice in choices.items() if group not in PRESET_GROUPS]
+    if GlobalHydra.instance().is_initialized():  # inside @hydra.main (and a launcher's job that restored it)
+        return OmegaConf.to_container(compose("config", overrides), resolve=True)
+    with initialize_config_dir(str(find_conf_dir()), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides), resolve=True)
+
+
+def config_view(dcfg: DictConfig, run_dir: Path, overrides: list, resume: Optional[str]) -> ConfigView:
+    """log.show_config=compact: the chosen groups, the overrides (those a resume took from the run marked) and
+    every value that differs from default_config(); that comparison failing only costs its lines, with a warning."""
+    chosen = {group: choice for group, choice in HydraConfig.get().runtime.choices.items()
+              if not group.startswith("hydra/") and choice is not None}
+    order = list(dcfg)  # the groups in the config's order (model, data, ...), presets last
+    choices = dict(sorted(chosen.items(), key=lambda gc: order.index(gc[0]) if gc[0] in order else len(order)))
+    full = run_dir / ".hydra" / "config.yaml"
+    view = ConfigView(groups=choices, overrides=list(overrides),
+                      full_path=f"{full}{', as the run was started' if full.exists() else ''}")
+    try:
+        if resume:
+            source = run_dir_of(Path(resume).expanduser().resolve())
+            recorded = recorded_overrides(source, None) if source is not None else []
+            view.from_run = [o for o in view.overrides if o in recorded]
+        view.changed = config_changes(OmegaConf.to_container(dcfg, resolve=True), default_config(choices))
+    except Exception as e:  # noqa: BLE001 - a view of the config must never stop the run it describes
+        view.warning = (f"log.show_config=compact: could not compare with the default config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); showing the overrides only")
+    return view
+
+
 def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
     """Validate the composed config and run its task; return the value of `optimized_metric` (None when the
     task did not measure it). Errors propagate (see outcome())."""
@@ -138,7 +176,8 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
     if cfg.task == "train":
         from cbam_train.train import run
 
-        result = run(cfg, run_dir, record, overrides)
+        view = config_view(dcfg, run_dir, overrides, cfg.resume) if cfg.log.show_config == "compact" else None
+        result = run(cfg, run_dir, record, overrides, view)
     elif cfg.task == "eval":
         from cbam_train.evaluation import run_eval
 

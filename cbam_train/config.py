@@ -166,6 +166,8 @@ class LogConfig:
     # epoch; null: never); always drawn at the end of the run
     attention_report: bool = True  # at each stage end: attention/stage<k>-<name>.png (+ -gates.png) from the val
     # split and one row per CBAM module in attention.jsonl (see task=explain)
+    show_config: str = "compact"  # the config at the start of a run: compact (groups, overrides, values that differ
+    # from the defaults) | full (the whole tree) | none; .hydra/config.yaml in the run dir always has all of it
 
 
 @dataclass
@@ -269,5 +271,6 @@ class Config:
 TASKS = ("train", "eval", "bench", "lr_find", "predict", "export", "explain")
 CHECKPOINT_TASKS = ("eval", "predict", "export", "explain")  # tasks that read checkpoint= (and its run's config)
 EXPORT_FORMATS = ("onnx", "torchscript")
+SHOW_CONFIG = ("compact", "full", "none")
 # summary.json's numbers, any of which optimized_metric may name (maximize the accuracies, minimize the rest)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "test_acc", "test_loss", "epochs_run", "wall_time_s")

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cbam_train.atomic import write_json_atomic, write_text_atomic
+from cbam_train.config_view import ConfigView, plain_lines, view_rows
 from cbam_train.plots import draw_curves, safe_draw, stage_spans
 
 
@@ -87,13 +88,34 @@ class Reporter:
         self.log.print(f"warning: {msg}")
         self.err.print(f"warning: {msg}", style="yellow")
 
-    def config(self, yaml_text: str) -> None:
+    def config(self, yaml_text: str, view: Optional[ConfigView] = None, show: str = "full") -> None:
+        """The config at the start of a run (log.show_config): the compact view when given one, else the whole
+        tree; nothing for 'none'. train.log gets what the console shows."""
+        if show == "none":
+            return
+        if show == "compact" and view is not None:
+            self._config_view(view)
+            return
         self.log.print(yaml_text)
         if self.mode == "rich":
             self.console.print(Panel(Syntax(yaml_text, "yaml", background_color="default"), title="config",
                                      expand=False))
         else:
             self.console.print(yaml_text)
+
+    def _config_view(self, view: ConfigView) -> None:
+        if view.warning:
+            self.warn(view.warning)
+        self.log.print("\n".join(plain_lines(view)))
+        if self.mode != "rich":
+            self.console.print("\n".join(plain_lines(view)))
+            return
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        for label, text in view_rows(view):
+            grid.add_row(label, text)
+        self.console.print(Panel(grid, title="config", title_align="left", expand=False))
 
     def stage_table(self, rows: list) -> None:
         self._stages = stage_spans(rows)

@@ -13,6 +13,7 @@ from cbam_train.atomic import atomic_save
 from cbam_train.checkpoint import CheckpointError, cpu_snapshot
 from cbam_train.checkpointer import Checkpointer
 from cbam_train.config import Config, UserError
+from cbam_train.config_view import ConfigView
 from cbam_train.device import setup_device
 from cbam_train.engine import EpochResult, TrainingError, evaluate, train_one_epoch
 from cbam_train.interrupt import Interrupted, StopRequest
@@ -26,9 +27,11 @@ from cbam_train.stage_report import StageAttention
 from cbam_train.stopper import Stopper
 
 
-def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None) -> dict:
+def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None,
+        view: Optional[ConfigView] = None) -> dict:
     """The staged run: validate, build, train each selected stage (or the rest of them, with resume=),
-    evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint.
+    evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint; `view`: what
+    log.show_config=compact shows (None: the whole config).
     Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0's run dir is the run's."""
     t_start = time.perf_counter()
     dist = distributed.from_env()
@@ -39,7 +42,7 @@ def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Op
     try:
         with StopRequest(started.rep.warn) as signals:
             if record and record.get("config.yaml"):
-                started.rep.config(record["config.yaml"])
+                started.rep.config(record["config.yaml"], view, cfg.log.show_config)
             return _train(cfg, run_dir, started, list(overrides or []), signals, t_start)
     except (UserError, TrainingError, Interrupted) as e:
         started.rep.log_only(f"{getattr(e, 'label', 'error')}: {e}")  # the console gets it from the CLI

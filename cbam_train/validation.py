@@ -11,8 +11,8 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
-from cbam_train.config import (EXPORT_FORMATS, SUMMARY_METRICS, TASKS, AugmentConfig, Config, ConfigError, DataConfig,
-                               LrFindConfig, ModelConfig)
+from cbam_train.config import (EXPORT_FORMATS, SHOW_CONFIG, SUMMARY_METRICS, TASKS, AugmentConfig, Config,
+                               ConfigError, DataConfig, LrFindConfig, ModelConfig)
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
@@ -224,6 +224,7 @@ def _check_run(cfg: Config) -> None:
     _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
     _positive("log.every_n_steps", cfg.log.every_n_steps)
+    _choice("log.show_config", cfg.log.show_config, SHOW_CONFIG)
     if cfg.log.curves_every_s is not None:
         _positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
     _positive("bench.seconds", cfg.bench.seconds)

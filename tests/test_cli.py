@@ -74,6 +74,11 @@ def test_smoke_run_console_and_log_are_plain_when_captured(smoke_run):
     assert "stage 2/3 'high'" in proc.stdout and "stage 2/3 'high'" in log
     assert re.search(r"epoch +3 \[full\] train loss", log)
     assert "lr" in proc.stdout and "3.00e-03" in proc.stdout  # the resolved per-stage lrs are printed
+    # log.show_config=compact: the preset's values with their defaults and the full config's path, not the tree
+    for text in (proc.stdout, log):
+        assert "schedule.stages.head.lr: 0.003 (default 0.001)" in text and "overrides    experiment=smoke" in text
+        assert f"full config  {run / '.hydra' / 'config.yaml'} (" in text and "\nmodel:\n  name: " not in text
+    assert proc.stdout.index("changed ") < proc.stdout.index("stage 1/3 'head'")
 
 
 @pytest.mark.slow
