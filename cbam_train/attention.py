@@ -1,8 +1,8 @@
 """What the attention does, as numbers: every CBAM module's channel and spatial gates on a batch (forward hooks),
-Grad-CAM of the predicted class on layer4's last block, and the summaries attention.json holds.
+Grad-CAM of the predicted class on layer4's last block (after its attention), and the summaries attention.json holds.
 
 Nothing here changes the model: it runs in eval mode, and Grad-CAM takes the gradient of the class score with
-respect to layer4's output only (torch.autograd.grad), so no parameter's .grad is touched.
+respect to the pooled layer4 features only (torch.autograd.grad), so no parameter's .grad is touched.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def cbam_modules(model: nn.Module, all_blocks: bool = False) -> list:
     return found
 
 
+def cam_layer(model: nn.Module) -> nn.Module:
+    """Where Grad-CAM looks: the features the classifier pools, i.e. layer4's last block's output after its
+    attention (placement=block: the block itself holds its CBAM; placement=stage: the layer4 CBAM after it)."""
+    stage = getattr(model, "cbam", None)
+    return stage["layer4"] if isinstance(stage, nn.ModuleDict) else model.layer4[-1]
+
+
 def inspect(model: nn.Module, x: Tensor, all_blocks: bool = False) -> Attention:
     """Run x (normalised, (B, 3, H, W)) through the model in eval mode; collect gates and Grad-CAM.
     The model's train/eval mode is restored afterwards."""
@@ -56,7 +63,7 @@ def inspect(model: nn.Module, x: Tensor, all_blocks: bool = False) -> Attention:
     for name, module in cbam_modules(model, all_blocks):
         hooks.append(module.channel.register_forward_hook(_keep(captured, ("channel", name))))
         hooks.append(module.spatial.register_forward_hook(_keep(captured, ("spatial", name))))
-    hooks.append(model.layer4[-1].register_forward_hook(_track_grad(captured)))
+    hooks.append(cam_layer(model).register_forward_hook(_track_grad(captured)))
     try:
         with torch.enable_grad():
             x = x.clone() if x.is_inference() else x
@@ -81,7 +88,7 @@ def _keep(store: dict, key: tuple):
 
 
 def _track_grad(store: dict):
-    """Keep layer4's output for Grad-CAM; when layer4 is frozen it carries no graph, so start one there."""
+    """Keep the pooled features for Grad-CAM; when everything before them is frozen they carry no graph: start one."""
     def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Optional[Tensor]:
         if not output.requires_grad:
             output = output.detach().requires_grad_()
@@ -91,15 +98,20 @@ def _track_grad(store: dict):
 
 
 def grad_cam(activations: Tensor, grads: Tensor, size: tuple) -> Tensor:
-    """Grad-CAM (Selvaraju et al., 2017) as pytorch-grad-cam computes it: channel weights = the gradient's spatial
-    mean, cam = ReLU(sum_c w_c A_c), scaled per image to [0, 1] (min-max, +1e-7), then resized bilinearly.
+    """Grad-CAM (Selvaraju et al., 2017) as pytorch-grad-cam 1.5 computes it: channel weights = the gradient's
+    spatial mean, cam = ReLU(sum_c w_c A_c), scaled per image to [0, 1], resized bilinearly (cv2.resize's
+    INTER_LINEAR: half-pixel centres, edges clamped), scaled to [0, 1] again.
     activations, grads: (B, C, h, w); size: (H, W). Returns (B, H, W)."""
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = (weights * activations).sum(1).clamp_min(0)
-    lo = cam.flatten(1).amin(1).view(-1, 1, 1)
-    cam = cam - lo
-    cam = cam / (cam.flatten(1).amax(1).view(-1, 1, 1) + 1e-7)
-    return F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    cam = F.interpolate(_unit_range(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _unit_range(cam)
+
+
+def _unit_range(maps: Tensor) -> Tensor:
+    """Per map (B, h, w): (m - min) / (max - min + 1e-7), as pytorch-grad-cam's scale_cam_image."""
+    maps = maps - maps.flatten(1).amin(1).view(-1, 1, 1)
+    return maps / (maps.flatten(1).amax(1).view(-1, 1, 1) + 1e-7)
 
 
 def upsample(maps: Tensor, size: tuple) -> Tensor:

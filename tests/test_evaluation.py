@@ -11,13 +11,11 @@ import pytest
 from PIL import Image
 
 from cbam_train.data import make_synthetic
-from conftest import run_cli
+from conftest import SMOKE_RUN, run_cli
 
 pytestmark = pytest.mark.slow  # every test here evaluates through the CLI, in a subprocess
 
-TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "data.val_size=16", "data.test_size=16",
-        "data.batch_size=16", "log.mode=plain", "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1",
-        "schedule.stages.full.epochs=1"]
+TINY = SMOKE_RUN  # the session's trained run's settings (conftest.trained)
 EVAL_KEYS = {"accuracy", "loss", "per_class", "confusion", "n", "classes", "split", "checkpoint"}
 
 
@@ -43,14 +41,11 @@ def evaluate(checkpoint: Path, out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny synthetic run (3 stages x 1 epoch, 8x8 images, 16 val and 16 test images): (run dir, its files)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    proc = run_cli(TINY + [f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
-    assert proc.returncode == 0, proc.stderr
-    run = tmp / "run"
-    assert (run / "model.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
-    return run, files_of(run)
+def trained(trained):
+    """The session's tiny synthetic run (conftest.trained: 3 stages x 1 epoch, 8x8 images, 16 val and 16 test
+    images), with its files as this module found them: (run dir, files)."""
+    assert (trained / "model.pt").is_file() and (trained / "checkpoints" / "last.pt").is_file()
+    return trained, files_of(trained)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +77,23 @@ def test_eval_json_holds_accuracy_loss_per_class_and_confusion(trained, model_ev
     # the same model on the same data through the same evaluation: what training reported, to the bit
     assert ev["accuracy"] == summary["test_acc"]
     assert ev["loss"] == summary["test_loss"]
+
+
+def test_eval_draws_the_confusion_matrix_and_the_top_losses(model_eval):
+    """confusion.png and top_losses.png (fastai's ClassificationInterpretation); eval.json lists the 16 images
+    drawn, highest loss first, and their losses average to at least the split's mean loss."""
+    _, out, ev = model_eval
+    worst = ev["top_losses"]
+    assert len(worst) == min(16, ev["n"])
+    losses = [r["loss"] for r in worst]
+    assert losses == sorted(losses, reverse=True) and sum(losses) / len(losses) >= ev["loss"] - 1e-6
+    assert all(r["true"] in ev["classes"] and r["pred"] in ev["classes"] and 0 < r["prob"] <= 1 for r in worst)
+    assert sum(r["true"] != r["pred"] for r in worst) == ev["n"] - round(ev["accuracy"] * ev["n"])  # every error
+    for name in ("confusion.png", "top_losses.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+    with Image.open(out / "top_losses.png") as im:
+        assert im.size == (round(100 * 1.45 * 1.3 * 4), round(100 * (1.45 * 1.45 * 4 + 0.4)))
 
 
 def test_eval_on_val_split_matches_the_last_epochs_val_acc(trained, tmp_path):
