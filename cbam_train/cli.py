@@ -27,6 +27,7 @@ from cbam_train.console import CapturedStderr, fail, print_error, release_stderr
 from cbam_train.launchers import is_main_process, submitit_ranks
 from cbam_train.overrides import merge_overrides, override_key, recorded_overrides, run_dir_of
 from cbam_train.sweep import write_status
+from cbam_train.tracking import JobInfo
 
 
 def find_conf_dir() -> Path:
@@ -163,7 +164,7 @@ def config_view(dcfg: DictConfig, run_dir: Path, overrides: list, resume: Option
     return view
 
 
-def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
+def _job(dcfg: DictConfig, run_dir: Path, overrides: list, job: JobInfo) -> Optional[float]:
     """Validate the composed config and run its task; return the value of `optimized_metric` (None when the
     task did not measure it). Errors propagate (see outcome())."""
     try:
@@ -177,7 +178,7 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list) -> Optional[float]:
         from cbam_train.train import run
 
         view = config_view(dcfg, run_dir, overrides, cfg.resume) if cfg.log.show_config == "compact" else None
-        result = run(cfg, run_dir, record, overrides, view)
+        result = run(cfg, run_dir, record, overrides, view, job)
     elif cfg.task == "eval":
         from cbam_train.evaluation import run_eval
 
@@ -231,7 +232,8 @@ def run_task(dcfg: DictConfig) -> Optional[float]:
     run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        value = _job(dcfg, run_dir, overrides)
+        job = JobInfo(hc.job.name, overrides, hc.job.num if sweep else None, hc.sweep.dir if sweep else None)
+        value = _job(dcfg, run_dir, overrides, job)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise

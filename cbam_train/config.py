@@ -172,7 +172,14 @@ class LogConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | tensorboard (scalars per epoch in <run dir>/tensorboard; needs the package)
+    """Set by conf/logger/*.yaml; `logger=[tensorboard,mlflow]` selects both (each file sets its own flag)."""
+
+    tensorboard: bool = False  # scalars per epoch in <run dir>/tensorboard (needs the tensorboard package)
+    mlflow: bool = False  # one MLflow run per training run (needs the [mlflow] extra); see tracking.py
+    tracking_uri: Optional[str] = None  # mlflow: a folder (null: ./mlruns) holding mlflow.db and the artifacts, or
+    # a URI with a scheme passed to MLflow as is (sqlite:///path.db, http://host:5000, postgresql://...)
+    experiment: Optional[str] = None  # mlflow: the experiment's name (null: hydra.job.name, "cbam-train")
+    log_model: bool = False  # mlflow: also log model.pt (~45 MB for ResNet18) as an artifact
 
 
 @dataclass

@@ -58,16 +58,20 @@ class Reporter:
         self.rows: list = []  # metrics rows so far (all of them, after a resume)
         self._tb = None
         self._tb_class = check_tensorboard() if tensorboard and write else None
+        self.tracker: Any = None  # tracking.MlflowTracker (logger=mlflow; rank 0): gets every row and the artifacts
         # _drawn_at: the clock when curves.png was last drawn, None before the first drawing (time.monotonic()
         # counts from boot, so a number here would throttle the first epoch on a machine up for < curves_every_s)
         self.curves_every_s, self._clock, self._drawn_at, self._drawn_rows = curves_every_s, clock, None, -1
         self._stages: list = []
         self._test_acc: Optional[float] = None  # marked on curves.png once the run has one
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Draw curves.png, hand the files to the tracker (its run ends with `status`: FINISHED | KILLED | FAILED)."""
         self.draw_curves(force=True)  # however the run ended, the picture shows every finished epoch
         if self._tb is not None:
             self._tb.close()
+        if self.tracker is not None:
+            self.tracker.finish(self.run_dir, status)
         self._log_file.close()
 
     # -- text
@@ -175,6 +179,8 @@ class Reporter:
             return
         write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         write_text_atomic(self.run_dir / "metrics.csv", csv_text(rows))
+        if self.tracker is not None:  # a branched or newly tracked run gets the history; a continued one has it
+            self.tracker.log_rows(rows, only_new=True)
 
     def epoch(self, row: dict) -> None:
         """Append one epoch's row to metrics.jsonl and metrics.csv, print it, redraw the curves when due."""
@@ -195,6 +201,8 @@ class Reporter:
         new = not csv_path.exists() or csv_path.stat().st_size == 0
         with open(csv_path, "a", encoding="utf-8", newline="") as f:
             f.write(csv_text([row], header=new))
+        if self.tracker is not None:
+            self.tracker.log_rows([row])
         text = (f"epoch {row['epoch']:>3} [{row['stage_name']}] train loss {row['train_loss']:.4f} "
                 f"acc {100 * row['train_acc']:5.2f}% | val loss {_num(row['val_loss'], '.4f')} "
                 f"acc {_pct(row['val_acc'])} | lr {fmt_lr(row['lr'])} | {row['epoch_time_s']:.1f} s | "

@@ -3,6 +3,7 @@ the run dir, open the reporter; load the initial weights; load the data into its
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from cbam_train.models import build_model
 from cbam_train.report import Reporter, check_tensorboard
 from cbam_train.resume import Resume
 from cbam_train.rundir import RUN_FILES, claim_run_dir
+from cbam_train.resume import flatten
+from cbam_train.tracking import MlflowTracker
 from cbam_train.schedule import (check_trainable, frozen_new_modules, module_names, param_groups, resolve_stages,
                                  trainable_parameters)
 
@@ -39,12 +42,13 @@ class Started:
 
 
 def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tuple = RUN_FILES,
-              resume: Optional[Resume] = None, dist: Dist = Dist()) -> Started:
+              resume: Optional[Resume] = None, dist: Dist = Dist(), tracker: Optional[MlflowTracker] = None) -> Started:
     """Everything that can fail fast, before any data is read.
 
     Only after the run dir is known to be free (or to be the resumed run's own) is anything written into
     it: the config record in .hydra/ (a resumed run keeps its original record). Under torchrun only rank 0
-    writes anything; the other ranks get a reporter that writes nothing.
+    writes anything; the other ranks get a reporter that writes nothing. `tracker` (logger=mlflow, task=train):
+    rank 0 opens its store before the run dir is claimed and starts its MLflow run after.
     """
     stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)
     device = distributed.init(dist, resolve_device(cfg.device.name))
@@ -53,13 +57,15 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.schedule.stages)
-    if cfg.logger.name == "tensorboard":
+    if cfg.logger.tensorboard:
         check_tensorboard()
     error = None
     if dist.is_main:
         try:
             finished = resume is not None and resume.state is not None and all(
                 resume.state.stage_done(stage) for stage in stages)
+            if tracker is not None:  # a missing package or a bad store: one line, and the run dir stays empty
+                tracker.connect()
             claim_run_dir(run_dir, record, required, resume, finished)
         except UserError as e:
             error = e
@@ -71,8 +77,16 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
         raise error
     if not dist.is_main:
         return Started(stages, device, model, Reporter(run_dir, "quiet", None, write=False), dist, resume)
-    return Started(stages, device, model, Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s,
-                                                   tensorboard=cfg.logger.name == "tensorboard"), dist, resume)
+    rep = Reporter(run_dir, cfg.log.mode, cfg.log.curves_every_s, tensorboard=cfg.logger.tensorboard)
+    if tracker is not None:
+        try:
+            tracker.start(run_dir, flatten(dataclasses.asdict(cfg)),
+                          str(resume.path) if resume is not None and resume.path is not None else None, rep.warn)
+        except Exception as e:
+            rep.close("FAILED")
+            raise UserError(f"logger=mlflow: could not start the MLflow run in {tracker.uri}: {e}") from None
+        rep.tracker = tracker
+    return Started(stages, device, model, rep, dist, resume)
 
 
 def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> None:

@@ -25,30 +25,37 @@ from cbam_train.session import Run, StageSession, open_stage
 from cbam_train.startup import Started, load_weights, prepare_data, stage_table_rows, start_run
 from cbam_train.stage_report import StageAttention
 from cbam_train.stopper import Stopper
+from cbam_train.tracking import JobInfo, MlflowTracker
 
 
 def run(cfg: Config, run_dir: Path, record: Optional[dict] = None, overrides: Optional[list] = None,
-        view: Optional[ConfigView] = None) -> dict:
+        view: Optional[ConfigView] = None, job: Optional[JobInfo] = None) -> dict:
     """The staged run: validate, build, train each selected stage (or the rest of them, with resume=),
     evaluate, write the outputs. `overrides` (the command line) are stored in every checkpoint; `view`: what
-    log.show_config=compact shows (None: the whole config).
-    Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0's run dir is the run's."""
+    log.show_config=compact shows (None: the whole config); `job`: what the CLI knows of this job (the MLflow
+    experiment name, the sweep). Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0's run dir is the run's."""
     t_start = time.perf_counter()
     dist = distributed.from_env()
     own_dir = Path(run_dir)
     resume = find_resume(cfg.resume)
-    started = start_run(cfg, own_dir, record, resume=resume, dist=dist)
+    job = job or JobInfo(overrides=list(overrides or []))
+    tracker = MlflowTracker(cfg.logger, job, Path.cwd()) if cfg.logger.mlflow and dist.is_main else None
+    started = start_run(cfg, own_dir, record, resume=resume, dist=dist, tracker=tracker)
     run_dir = Path(distributed.broadcast(str(own_dir), dist))  # Hydra's ${now} may differ by a second per rank
+    ended = "FAILED"  # how the MLflow run ends (logger=mlflow)
     try:
         with StopRequest(started.rep.warn) as signals:
             if record and record.get("config.yaml"):
                 started.rep.config(record["config.yaml"], view, cfg.log.show_config)
-            return _train(cfg, run_dir, started, list(overrides or []), signals, t_start)
+            summary = _train(cfg, run_dir, started, list(overrides or []), signals, t_start)
+            ended = "FINISHED"
+            return summary
     except (UserError, TrainingError, Interrupted) as e:
+        ended = "KILLED" if isinstance(e, Interrupted) else "FAILED"
         started.rep.log_only(f"{getattr(e, 'label', 'error')}: {e}")  # the console gets it from the CLI
         raise
     finally:
-        started.rep.close()
+        started.rep.close(ended)
         distributed.shutdown(dist)
         if own_dir != run_dir:  # another rank's empty Hydra dir
             try:

@@ -221,7 +221,10 @@ def _check_run(cfg: Config) -> None:
         raise ConfigError("train.nan_policy=skip_batch does not combine with train.accumulate_steps > 1 (a skipped "
                           "batch would leave its optimizer step short); use nan_policy=stop")
     _choice("eval.split", cfg.eval.split, ("test", "val"))
-    _choice("logger.name", cfg.logger.name, ("none", "tensorboard"))
+    for key in ("tracking_uri", "experiment"):
+        value = getattr(cfg.logger, key)
+        if value is not None and (not value.strip() or "\n" in value):
+            raise ConfigError(f"logger.{key}: {value!r} is empty or has a line break; give a name, or null")
     _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
     _positive("log.every_n_steps", cfg.log.every_n_steps)
     _choice("log.show_config", cfg.log.show_config, SHOW_CONFIG)
