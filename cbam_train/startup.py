@@ -82,9 +82,9 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
         try:
             tracker.start(run_dir, flatten(dataclasses.asdict(cfg)),
                           str(resume.path) if resume is not None and resume.path is not None else None, rep.warn)
-        except Exception as e:
+        except UserError:
             rep.close("FAILED")
-            raise UserError(f"logger=mlflow: could not start the MLflow run in {tracker.uri}: {e}") from None
+            raise
         rep.tracker = tracker
     return Started(stages, device, model, rep, dist, resume)
 

@@ -85,7 +85,8 @@ class MlflowTracker:
         client_class = import_client()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating initial tables...")
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        where = f"logger.tracking_uri={self.settings.tracking_uri or DEFAULT_DIR} ({self.uri})"
+        given = self.settings.tracking_uri or DEFAULT_DIR
+        where = f"logger.tracking_uri={given}" + (f" ({self.uri})" if self.uri != given else "")
         try:
             if self.folder is not None:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,10 @@ class MlflowTracker:
         except UserError:
             raise
         except Exception as e:  # MlflowException, SQLAlchemy's OperationalError, OSError, a refused connection
+            if "MLFLOW_ALLOW_FILE_STORE" in str(e):
+                raise UserError(f"{where}: MLflow refuses its file store (maintenance mode) unless "
+                                "MLFLOW_ALLOW_FILE_STORE=true is set; set it, or give a folder without file: (a "
+                                "SQLite store, as the default ./mlruns)") from None
             raise UserError(f"{where}: {_one_line(e)}") from None
 
     def _find_or_create_experiment(self) -> str:
@@ -112,8 +117,15 @@ class MlflowTracker:
         return found.experiment_id
 
     def start(self, run_dir: Path, params: dict, resumed_from: Optional[str], warn: Callable[[str], None]) -> None:
-        """Continue the MLflow run recorded in run_dir (a resume in the same dir), else create one; log params."""
+        """Continue the MLflow run recorded in run_dir (a resume in the same dir), else create one; log params.
+        A failure is one line (UserError)."""
         self.warn = warn
+        try:
+            self._start(run_dir, params, resumed_from)
+        except Exception as e:
+            raise UserError(f"logger=mlflow: could not start the MLflow run in {self.uri}: {_one_line(e)}") from None
+
+    def _start(self, run_dir: Path, params: dict, resumed_from: Optional[str]) -> None:
         record = run_dir / RUN_FILE
         previous = json.loads(record.read_text()) if record.is_file() else None
         if previous and previous.get("tracking_uri") == self.uri and self._still_there(previous["run_id"]):

@@ -82,15 +82,18 @@ def test_without_mlflow_one_line_before_anything_is_written(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("uri, says", [("foo://nowhere", "unsupported URI 'foo://nowhere'"),
-                                       ("{file}/mlruns", "Not a directory")])
+                                       ("{file}/mlruns", "Not a directory"),
+                                       ("file:./old", "unless MLFLOW_ALLOW_FILE_STORE=true is set")])
 def test_bad_tracking_uri_is_one_line(uri, says, tmp_path, monkeypatch, capsys):
     needs_mlflow()
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     (tmp_path / "afile").write_text("not a folder")
     uri = uri.format(file=tmp_path / "afile")
     code, err, run_dir = cli_main([f"logger.tracking_uri={uri}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: logger.tracking_uri={uri}") and says in err[0]
     assert_nothing_written(run_dir, tmp_path)
+    assert not (tmp_path / "old").exists()
 
 
 # ---------------------------------------------------------------- the real CLI: a sweep of 2 jobs, then a resume
@@ -103,6 +106,7 @@ def sweep(tmp_path_factory) -> Path:
     proc = run_cli(["-m", *SMOKE_RUN, "logger=mlflow", "logger.log_model=false,true",
                     "train.checkpoint_every_n_epochs=1", f"hydra.sweep.dir={tmp / 'sweep'}"], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO mlflow" not in proc.stderr and "alembic" not in proc.stderr  # MLflow's own chatter is silenced
     return tmp
 
 
