@@ -100,10 +100,11 @@ def test_bad_tracking_uri_is_one_line(uri, says, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """`cbam-train -m ... logger=mlflow logger.log_model=false,true` in a fresh folder: that folder."""
+    """`cbam-train -m ... logger=[tensorboard,mlflow] logger.log_model=false,true` in a fresh folder: that folder."""
     needs_mlflow()
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
     tmp = tmp_path_factory.mktemp("mlflow")
-    proc = run_cli(["-m", *SMOKE_RUN, "logger=mlflow", "logger.log_model=false,true",
+    proc = run_cli(["-m", *SMOKE_RUN, "logger=[tensorboard,mlflow]", "logger.log_model=false,true",
                     "train.checkpoint_every_n_epochs=1", f"hydra.sweep.dir={tmp / 'sweep'}"], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INFO mlflow" not in proc.stderr and "alembic" not in proc.stderr  # MLflow's own chatter is silenced
@@ -154,6 +155,8 @@ def test_sweep_jobs_are_runs_of_one_experiment_matching_their_files(sweep):
     for job, log_model in (("0", "False"), ("1", "True")):  # the tag: the job's override as Hydra spells it
         run, run_dir = by_job[job], sweep / "sweep" / job
         assert run.data.tags["override.logger.log_model"] == log_model
+        assert run.data.tags["override.logger"] == "[tensorboard,mlflow]"
+        assert any((run_dir / "tensorboard").iterdir())  # the list selected both loggers
         assert run.data.tags["sweep.dir"] == str(sweep / "sweep")
         assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
         assert_run_matches_files(client, run_dir)
