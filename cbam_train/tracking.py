@@ -21,7 +21,7 @@ DEFAULT_DIR = "mlruns"  # beside outputs/ (in the working directory)
 DB_NAME = "mlflow.db"
 RUN_FILE = "mlflow_run.json"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-ARTIFACT_GLOBS = ("curves.png", "summary.json", "metrics.csv", "attention*.png")
+ARTIFACT_GLOBS = ("curves.png", "summary.json", "metrics.csv", "attention*.png", "attention.jsonl")
 
 
 @dataclass
