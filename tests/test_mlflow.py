@@ -198,7 +198,8 @@ def test_resume_continues_the_run_and_a_rerun_epoch_replaces_its_values(sweep):
 def test_attention_pictures_are_logged_when_present(sweep, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "attention").mkdir(parents=True)
-    for path in (run_dir / "attention" / "layer1.png", run_dir / "attention.png", run_dir / "curves.png"):
+    for path in (run_dir / "attention" / "layer1.png", run_dir / "attention.png", run_dir / "attention.jsonl",
+                 run_dir / "curves.png", run_dir / "model.pt"):  # model.pt: not without logger.log_model
         path.write_bytes(b"png")
     tracker = MlflowTracker(LoggerConfig(mlflow=True, tracking_uri=str(sweep / "mlruns"), experiment="pictures"),
                             JobInfo(), tmp_path)
@@ -206,5 +207,6 @@ def test_attention_pictures_are_logged_when_present(sweep, tmp_path):
     tracker.start(run_dir, {"a": 1}, None, print)
     tracker.finish(run_dir, "FINISHED")
     client = client_for(sweep)
-    assert {a.path for a in client.list_artifacts(tracker.run_id)} == {"attention", "attention.png", "curves.png"}
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} == {"attention", "attention.png", "attention.jsonl",
+                                                                        "curves.png"}
     assert [a.path for a in client.list_artifacts(tracker.run_id, "attention")] == ["attention/layer1.png"]
