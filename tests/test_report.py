@@ -166,3 +166,24 @@ def test_sweep_labels_shorten_long_floats_only():
     assert plots.short_number("0.0012520653814999472") == "0.00125"
     assert plots.short_number("3.860866271460548e-05") == "3.86e-05"
     assert [plots.short_number(v) for v in ("8", "16", "adam", "[fc,cbam]")] == ["8", "16", "adam", "[fc,cbam]"]
+
+
+def test_the_final_test_accuracy_is_marked_on_curves_png(tmp_path, monkeypatch):
+    """Reporter.summary with a test_acc redraws curves.png at close with the test accuracy passed to the drawing,
+    and the drawing then plots one more point than without it (the star after the last epoch)."""
+    seen = []
+    real = plots.draw_curves
+    monkeypatch.setattr("cbam_train.report.draw_curves", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    rep = Reporter(tmp_path, "quiet", curves_every_s=0)
+    rep.stage_table(STAGES)
+    rep.epoch(row(1))
+    rep.summary({"best_val_acc": 0.5, "final_val_acc": 0.5, "test_acc": 0.625, "epochs_run": 1, "wall_time_s": 1.0,
+                 "device": "cpu"})
+    rep.close()
+    assert seen == [None, 0.625]
+    lines = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: lines.append(
+        [ln.get_label() for ax in fig.axes for ln in ax.get_lines()]))
+    plots.draw_curves([row(1), row(2)], plots.stage_spans(STAGES), tmp_path / "a.png")
+    plots.draw_curves([row(1), row(2)], plots.stage_spans(STAGES), tmp_path / "b.png", test_acc=0.625)
+    assert [lb for lb in lines[1] if lb not in lines[0]] == ["test acc 62.50%"]
