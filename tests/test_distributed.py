@@ -109,8 +109,10 @@ def test_two_process_run_writes_once_and_resumes_exactly(tmp_path):
     full = torchrun(args + [f"hydra.run.dir={tmp_path / 'full'}"], tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     run = tmp_path / "full"
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "curves.png", "metrics.csv",
-                                                    "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "attention", "attention.jsonl", "checkpoints",
+                                                    "curves.png", "metrics.csv", "metrics.jsonl", "model.pt",
+                                                    "summary.json", "train.log"]
+    assert len((run / "attention.jsonl").read_text().splitlines()) == 3 * 4  # rank 0's report alone: 3 stages
     assert full.stdout.count("summary") == 1  # one console report, from rank 0
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
