@@ -136,3 +136,28 @@ def test_policy_and_erasing_draw_from_the_generator_only():
     x = (unit_images(16) * 255).to(torch.uint8)
     a, b = (aug(x, torch.Generator().manual_seed(7)) for _ in range(2))
     assert torch.equal(a, b) and not torch.equal(a, aug(x, torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host-sync check needs a CUDA device")
+def test_cuda_path_does_no_host_sync():
+    """The policies, erasing, cutout and mixing on CUDA: after a first call (which copies the policy's tables
+    to the device once), a chunk augments and mixes with no host sync."""
+    from cbam_train.config import MixConfig
+    from cbam_train.mixing import BatchMix
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    mixer = BatchMix(MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0), 10, 32, torch.Generator().manual_seed(0))
+    for policy in ("trivial", "autoaugment"):
+        cfg = AugmentConfig(policy=policy)
+        cfg.erase.enabled = cfg.cutout.enabled = True
+        aug = BatchAugment(cfg, 32, MEAN, STD)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        aug(x, g)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                mixer(aug(x, g), y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
