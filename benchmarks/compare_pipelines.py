@@ -119,7 +119,11 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS),
                     help="augmentation presets to compare (fast: flipcrop + cutout 12; erase: flipcrop + erase p 0.5)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); 1 avoids "
+                    "oversubscription when other processes load the cores")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(args.root)
     if not (root / "train").is_dir():
         sys.exit(f"error: {root / 'train'} not found; unpack the images first (make data)")
