@@ -167,8 +167,7 @@ def apply_op(x: Tensor, op: Tensor, m: Tensor) -> Tensor:
     if op.device.type == "cpu" and op.numel() and int(op.min()) == int(op.max()):  # one op for all: no masks
         k = int(op[0])
         return x if k == 0 else _geometric(x, op, m) if k <= _GEOMETRIC else _COLOUR[k](x, m)
-    out = x
-    out = torch.where(_each((op >= 1) & (op <= _GEOMETRIC)), _geometric(x, op, m), out)
+    out = torch.where(_each((op >= 1) & (op <= _GEOMETRIC)), _geometric(x, op, m), x)
     for k, fn in _COLOUR.items():
         out = torch.where(_each(op == k), fn(x, m), out)
     return out
