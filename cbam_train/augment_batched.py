@@ -3,7 +3,9 @@
 Each image gets its own random parameters, drawn from an explicit torch.Generator on the data's
 device, with no per-image Python loop. Same ops, order and parameter ranges as torchvision v2's
 RandomCrop(padding, fill 0), RandomHorizontalFlip, ColorJitter (random op order per image) and
-RandomRotation (nearest, fill 0). Works in float32 [0, 1]; torchvision on uint8 rounds after every op.
+RandomRotation (nearest, fill 0); then (augment_ops.py) TrivialAugmentWide or AutoAugment after the flip and
+RandomErasing / cutout after normalising, as augment.py. Works in float32 [0, 1]; torchvision on uint8 rounds
+after every op.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cbam_train.augment_ops import Erasing, Policy
 from cbam_train.config import AugmentConfig
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601 luma)
@@ -193,6 +196,8 @@ class BatchAugment:
                     self.jitter[key] = (max(0.0, 1.0 - v), 1.0 + v)
             if cj.hue > 0:
                 self.jitter["hue"] = (-cj.hue, cj.hue)
+        self.policy = Policy(cfg.policy, image_size) if cfg.policy != "none" else None
+        self.erasing = Erasing(cfg, image_size)
 
     def sample(self, batch: int, generator: torch.Generator, device: torch.device | str) -> dict[str, Tensor]:
         """Draw every enabled op's per-sample parameters, shape (B,) (jitter_order: (B, 4))."""
@@ -212,7 +217,9 @@ class BatchAugment:
         if self.degrees > 0:
             d = self.degrees
             params["angle"] = torch.rand(n, generator=g, device=device).mul_(2 * d).sub_(d)
-        return params
+        if self.policy is not None:
+            params.update(self.policy.sample(n, g, device))
+        return {**params, **self.erasing.sample(n, g, device)}
 
     def apply(self, x: Tensor, params: dict[str, Tensor], sync_free: Optional[bool] = None) -> Tensor:
         """Augment uint8 (B, 3, H, W) with the ops params holds; returns float32, normalised. x is not modified.
@@ -238,6 +245,8 @@ class BatchAugment:
         elif flip is not None:
             x = hflip(x, flip)
         x = _unit_float(x)
+        if self.policy is not None:
+            x = self.policy.apply(x, params, sync_free)
         if several and sync_free:
             x = self._jitter_masked(x, params)
         elif rows is not None:
@@ -249,9 +258,10 @@ class BatchAugment:
             _JITTER_OPS_[k](x, params[_JITTER[k]])
         if "angle" in params:
             x = rotate(x, params["angle"])
+        x = self.erasing.apply(_normalize_(x, self.mean, self.std), params)
         if rows is not None:
             x = spare.index_copy_(0, rows, x)  # back to the input's sample order
-        return _normalize_(x, self.mean, self.std)
+        return x
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """apply(x, sample(...)) with parameters drawn on x's device from generator (on that device too)."""

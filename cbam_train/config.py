@@ -89,12 +89,46 @@ class RotationConfig:
 
 
 @dataclass
+class EraseConfig:
+    """torchvision's RandomErasing, on the normalised image (value 0: the data's mean colour)."""
+
+    enabled: bool = False
+    p: float = 0.5  # probability that an image gets a rectangle erased
+    scale: List[float] = field(default_factory=lambda: [0.02, 0.33])  # erased area, fraction of the image
+    ratio: List[float] = field(default_factory=lambda: [0.3, 3.3])  # aspect ratio (h / w), drawn log-uniform
+    value: float = 0.0  # fill, in normalised units
+
+
+@dataclass
+class CutoutConfig:
+    """airbench's cutout: a size x size square, wholly inside the image, filled with 0 after normalisation."""
+
+    enabled: bool = False
+    size: int = 12  # pixels per side
+    p: float = 1.0  # probability that an image gets its square
+
+
+@dataclass
+class MixConfig:
+    """Batch-level MixUp / CutMix (timm's Mixup in batch mode, torchvision v2's pairing: the batch rolled by 1)."""
+
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for the mixing weight; 0: no MixUp
+    cutmix_alpha: float = 0.0  # 0: no CutMix
+    prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # with both alphas > 0: probability of CutMix rather than MixUp
+
+
+@dataclass
 class AugmentConfig:
     name: str = "seed"
     crop: CropConfig = field(default_factory=CropConfig)
     flip: FlipConfig = field(default_factory=FlipConfig)
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
+    policy: str = "none"  # none | trivial (TrivialAugmentWide) | autoaugment (AutoAugment's CIFAR-10 policy)
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam_train.device import Amp
+from cbam_train.mixing import BatchMix
 from cbam_train.optim import stage_lr
 
 
@@ -25,7 +26,8 @@ class TrainingError(Exception):
 
 
 def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Amp, label_smoothing: float = 0.0) -> tuple:
-    """(logits, loss) under autocast; x is made channels_last when amp asks for it (a no-op if it is)."""
+    """(logits, loss) under autocast; x is made channels_last when amp asks for it (a no-op if it is).
+    y: class indices (B,), or soft targets (B, classes) from mixing, which label smoothing smooths in turn."""
     x = x.contiguous(memory_format=amp.memory_format)
     with torch.autocast(x.device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
         logits = model(x)
@@ -127,6 +129,7 @@ class EpochSetup:
     any_rank: Optional[Callable[[bool], bool]] = None  # data-parallel: a decision every rank must share
     accumulate_steps: int = 1  # batches per optimizer step (train.accumulate_steps)
     grad_clip_norm: Optional[float] = None  # clip the gradients' total norm to this before each step
+    mix: Optional[BatchMix] = None  # augment.mix: MixUp / CutMix of each batch, on the device
 
 
 @dataclass
@@ -174,11 +177,16 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
 
     n_batches, k = len(loader), setup.accumulate_steps
     opt.zero_grad(set_to_none=True)
+    if setup.mix is not None:
+        setup.mix.skip(first)  # a resumed epoch: what the batches already done drew
     for step, (x, y) in enumerate(loader, first + 1):
         boundary = step % k == 0 or step == n_batches  # this batch completes an optimizer step
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        target = y
+        if setup.mix is not None:  # soft targets; y becomes each image's dominant label, what train acc counts
+            x, target, y = setup.mix(x, y)
         with _grad_sync(model, boundary):
-            logits, loss = forward_loss(model, x, y, amp, setup.label_smoothing)
+            logits, loss = forward_loss(model, x, target, amp, setup.label_smoothing)
             progress.step = step
             if setup.nan_policy == "skip_batch":  # (validation refuses it with accumulate_steps > 1)
                 bad = not torch.isfinite(loss).item()

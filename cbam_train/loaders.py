@@ -15,6 +15,7 @@ from cbam_train.augment_batched import BatchAugment, normalize
 from cbam_train.config import AugmentConfig, DataConfig
 from cbam_train.data import DataSplits, ImageDataset, make_loader, shard_order
 from cbam_train.imagefolder import DataError
+from cbam_train.mixing import BatchMix
 
 
 class MemoryLoader:
@@ -72,7 +73,8 @@ class Loaders:
     test: Optional[object]
     kind: str  # memory | torchvision
     augment: Optional[BatchAugment]  # the batched transform (memory loader only)
-    generators: tuple = ()  # every random draw of the training data (order, augmentation)
+    generators: tuple = ()  # every random draw of the training data (order, augmentation, mixing)
+    mix: Optional[BatchMix] = None  # augment.mix, applied by the training loop to each batch on the device
 
     def close(self) -> None:
         """Stop the persistent worker processes of torchvision loaders now, not at interpreter exit (where
@@ -131,6 +133,11 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
                         f"images (after the validation split); lower data.batch_size")
     kind = choose_loader(splits, cfg.loader, cfg.memory_budget_mb)
     mean, std = splits.mean, splits.std
+    mixer = None
+    if BatchMix.enabled(augment_cfg.mix):  # its own CPU generator: a few draws per batch, no device round trip
+        mix_gen = torch.Generator().manual_seed(seed + 2_000_029 + 1_000_003 * shard[0])
+        mixer = BatchMix(augment_cfg.mix, len(splits.classes), cfg.image_size, mix_gen)
+    extra = (mixer.generator,) if mixer is not None else ()
     val = build_eval_loader(splits.val, cfg, kind, device, mean, std, workers)
     test = build_eval_loader(splits.test, cfg, kind, device, mean, std, workers) if splits.test is not None else None
     if kind == "memory":
@@ -141,7 +148,7 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
         images, labels = splits.train.materialize()
         train = MemoryLoader(images.to(device), labels.to(device), cfg.batch_size, True, aug, gen, drop_partial,
                              cfg.augment_chunk, shard, aug_gen)
-        return Loaders(train, val, test, kind, aug, (gen,) if aug_gen is gen else (gen, aug_gen))
+        return Loaders(train, val, test, kind, aug, ((gen,) if aug_gen is gen else (gen, aug_gen)) + extra, mixer)
     splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, mean, std)
     train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial, shard)
-    return Loaders(train, val, test, kind, None, (train.sampler.generator,))
+    return Loaders(train, val, test, kind, None, (train.sampler.generator,) + extra, mixer)

@@ -77,7 +77,7 @@ def open_stage(run: Run, stage: Stage) -> StageSession:
                        label_smoothing=cfg.train.label_smoothing, scheduler=scheduler, ema=run.ema,
                        should_stop=run.stopper.after_step, checkpoint_every=cfg.train.checkpoint_every_n_steps,
                        any_rank=run.stopper.any_rank, accumulate_steps=cfg.train.accumulate_steps,
-                       grad_clip_norm=cfg.train.grad_clip_norm)
+                       grad_clip_norm=cfg.train.grad_clip_norm, mix=run.loaders.mix)
     length = f"{stage.epochs} epoch(s)" if stage.plateau is None else (
         f"up to {stage.epochs} epoch(s), until {stage.plateau.metric} plateaus (patience {stage.plateau.patience})")
     run.rep.banner(f"stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}': {length}, "

@@ -15,7 +15,8 @@ from cbam_train.config import (EXPORT_FORMATS, SHOW_CONFIG, SUMMARY_METRICS, TAS
                                ConfigError, DataConfig, LrFindConfig, ModelConfig)
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
-MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
+MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}
+POLICIES = ("none", "trivial", "autoaugment")  # augment.policy  # the stem's total stride: below it layer4's 1x1 map is mostly padding
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -137,6 +138,7 @@ def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
 
 
 def _check_augment(a: AugmentConfig, image_size: int) -> None:
+    """augment.*: pads, probabilities, strengths, the policy's name, erasing and mixing."""
     _positive("augment.crop.padding", a.crop.padding, strict=False)
     if a.crop.enabled and a.crop.padding >= image_size:
         raise ConfigError(f"augment.crop.padding must be < data.image_size ({image_size}): a larger pad gives "
@@ -146,6 +148,27 @@ def _check_augment(a: AugmentConfig, image_size: int) -> None:
         _positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
     _in_range("augment.color_jitter.hue", a.color_jitter.hue, 0.0, 0.5)
     _in_range("augment.rotation.degrees", a.rotation.degrees, 0.0, 180.0)
+    _choice("augment.policy", a.policy, POLICIES)
+    _check_erase(a, image_size)
+
+
+def _pair(key: str, v: list, low: float, high: float) -> None:
+    if len(v) != 2 or not low < v[0] <= v[1] <= high:
+        raise ConfigError(f"{key} needs 2 values [low, high] with {low:g} < low <= high <= {high:g}, got {list(v)}")
+
+
+def _check_erase(a: AugmentConfig, image_size: int) -> None:
+    """augment.erase, augment.cutout and augment.mix."""
+    _in_range("augment.erase.p", a.erase.p, 0.0, 1.0)
+    _pair("augment.erase.scale", a.erase.scale, 0.0, 1.0)
+    _pair("augment.erase.ratio", a.erase.ratio, 0.0, math.inf)
+    if a.cutout.enabled and not 1 <= a.cutout.size <= image_size:
+        raise ConfigError(f"augment.cutout.size must be in [1, data.image_size ({image_size})], got {a.cutout.size}")
+    _in_range("augment.cutout.p", a.cutout.p, 0.0, 1.0)
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _positive(f"augment.mix.{key}", getattr(a.mix, key), strict=False)
+    _in_range("augment.mix.prob", a.mix.prob, 0.0, 1.0)
+    _in_range("augment.mix.switch_prob", a.mix.switch_prob, 0.0, 1.0)
 
 
 def _check_schedule(cfg: Config) -> None:

@@ -183,3 +183,31 @@ def test_eval_transform_is_deterministic_normalisation(img, mean, std):
         assert out.dtype == torch.float32 and tuple(out.shape) == (3, 32, 32)
         torch.testing.assert_close(out, normalise(img, mean, std), atol=1e-6, rtol=0)
         assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize("preset, cls", [("trivial", "TrivialAugmentWide"), ("autoaugment", "AutoAugment")])
+def test_policy_presets_put_torchvisions_policy_after_the_flip(make_cfg, preset, cls):
+    tf = build_train_transform(make_cfg([f"augment={preset}", "data.root=/x"]).augment, 32, MEAN, STD)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", cls, "ToDtype", "Normalize"]
+    if preset == "autoaugment":
+        assert tf.transforms[2].policy.name == "CIFAR10"
+
+
+def test_erasing_and_cutout_come_after_normalising(make_cfg, img):
+    cfg = only(make_cfg, "augment.erase.enabled=true", "augment.erase.p=1.0", "augment.erase.value=0.5",
+               "augment.cutout.enabled=true", "augment.cutout.size=6")
+    tf = build_train_transform(cfg, 32, MEAN, STD)
+    erasing = tf.transforms[-2]
+    assert (type(erasing).__name__, erasing.p, erasing.scale, erasing.ratio, erasing.value) == (
+        "RandomErasing", 1.0, (0.02, 0.33), (0.3, 3.3), [0.5])
+    torch.manual_seed(0)
+    assert (tf(img) == 0.5).all(dim=0).sum() > 0  # a rectangle of the value, in normalised units
+    cut = build_train_transform(only(make_cfg, "augment.cutout.enabled=true", "augment.cutout.size=6"), 32, MEAN, STD)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = cut(img)
+        zero = (out == 0).all(dim=0)
+        rows, cols = zero.any(dim=1).nonzero()[:, 0], zero.any(dim=0).nonzero()[:, 0]
+        assert zero.sum() == 36 and rows.max() - rows.min() == 5 and cols.max() - cols.min() == 5
+        torch.testing.assert_close(out[:, ~zero], normalise(img)[:, ~zero], atol=1e-6, rtol=0)

@@ -76,7 +76,20 @@ def test_finetune_preset_composes_to_its_documented_choices():
     assert cfg.train.grad_clip_norm == 1.0 and cfg.train.label_smoothing == 0.1 and cfg.data.batch_size == 128
 
 
-@pytest.mark.parametrize("overrides", [[], ["experiment=fast"]], ids=["default", "fast"])
+def test_fast_presets_compose_to_their_documented_choices():
+    fast, short = (compose_config([f"experiment={name}", "data.root=/x"]) for name in ("fast", "fast15"))
+    assert (fast.augment.cutout.enabled, fast.augment.cutout.size, fast.augment.crop.padding) == (True, 12, 4)
+    assert fast.schedule.stages["all"].epochs == 40 and fast.train.label_smoothing == 0.1
+    assert (short.augment.cutout.enabled, short.augment.crop.padding, short.augment.flip.enabled) == (False, 2, True)
+    assert short.schedule.stages["all"].epochs == 15 and short.schedule.stages["all"].sched.warmup_epochs == 1
+    assert short.train.label_smoothing == 0.2 and short.eval.flip_tta and not short.model.pretrained
+    for cfg in (fast, short):
+        assert cfg.augment.policy == "none" and cfg.augment.mix.mixup_alpha == cfg.augment.mix.cutmix_alpha == 0
+        assert (cfg.optim.name, cfg.data.batch_size, cfg.schedule.stages["all"].lr) == ("sgd", 512, 0.4)
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=fast"], ["experiment=fast15"]],
+                         ids=["default", "fast", "fast15"])
 def test_other_cifar10_configs_keep_the_measured_std(overrides):
     cfg = compose_config([*overrides, "data.root=/x"])
     assert cfg.data.name == "cifar10" and cfg.data.std == [0.2470, 0.2435, 0.2616]
@@ -85,7 +98,9 @@ def test_other_cifar10_configs_keep_the_measured_std(overrides):
 @pytest.mark.parametrize("preset, extra", [
     ("smoke", []),
     ("seed", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=1"]),
-    ("fast", ["schedule.stages.all.epochs=2", "schedule.stages.all.sched.warmup_epochs=1", "lr=0.05"]),
+    ("fast", ["schedule.stages.all.epochs=2", "schedule.stages.all.sched.warmup_epochs=1", "lr=0.05",
+              "augment.cutout.size=4"]),
+    ("fast15", ["schedule.stages.all.epochs=2", "lr=0.05", "augment.policy=trivial", "augment.mix.mixup_alpha=0.8"]),
     ("seed_code", ["schedule.stages.all.epochs=3", "schedule.stages.all.sched.step_size=2"]),
     ("finetune", ["schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=2",
                   "schedule.stages.full.until_plateau.patience=1", "data.batch_size=16"]),
@@ -97,7 +112,7 @@ def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
     s = run(compose_config([f"experiment={preset}", *SMALL, f"model.weights={weights}", *extra]), tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert s["epochs_run"] == len(rows) >= 2 and all(r["train_loss"] == r["train_loss"] for r in rows)
-    if preset == "fast":
+    if preset in ("fast", "fast15"):
         assert rows[0]["lr"] == pytest.approx(0.05) and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
     if preset == "finetune":
         # full: its first epoch is always an improvement, so it runs both; the second decides why it ended

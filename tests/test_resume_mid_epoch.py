@@ -9,7 +9,12 @@ import torch
 from test_resume import TINY, assert_same_run, rows
 
 EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.warmup_epochs=0.5",
-          "train.ema_decay=0.9", "train.label_smoothing=0.1", "eval.flip_tta=true"]
+          "train.ema_decay=0.9", "train.label_smoothing=0.1", "eval.flip_tta=true",
+          # augmentation drawn per image (policy, erasing) and per batch (mixing, its own generator)
+          "augment.policy=trivial", "augment.erase.enabled=true", "augment.mix.mixup_alpha=0.8",
+          "augment.mix.cutmix_alpha=1.0"]
+TV_AUGMENT = ["augment.policy=autoaugment", "augment.cutout.enabled=true", "augment.cutout.size=4",
+              "augment.mix.cutmix_alpha=1.0", "augment.mix.prob=0.7"]
 
 
 STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step", "schedule.stages.high.sched.step_size=1",
@@ -20,15 +25,15 @@ STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step",
 ACCUMULATE = ["train.accumulate_steps=2", "train.grad_clip_norm=0.5", "data.train_size=112"]  # 5 batches: 2+2+1
 
 
-@pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", []), ("memory", EXTRAS),
+@pytest.mark.parametrize("loader, extra", [("memory", []), ("torchvision", TV_AUGMENT), ("memory", EXTRAS),
                                            ("memory", STEP), ("memory", ACCUMULATE)],
-                         ids=["memory", "torchvision", "memory+sched+ema", "memory+step+lr-groups",
-                              "memory+accumulate+clip"])
+                         ids=["memory", "torchvision+autoaugment+cutout+cutmix", "memory+sched+ema+trivial+mix",
+                              "memory+step+lr-groups", "memory+accumulate+clip"])
 @pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, loader, extra):
     """Every checkpoint the run writes is kept; resuming from one taken mid-epoch in stage 2 (into a new run
-    dir) reproduces the rest of the run exactly, for both kinds of loader, and with an in-stage lr schedule
-    and EMA weights, whose states the checkpoint carries too."""
+    dir) reproduces the rest of the run exactly, for both kinds of loader, and with an in-stage lr schedule,
+    EMA weights and the per-image and per-batch augmentation draws, whose states the checkpoint carries too."""
     import shutil
 
     from cbam_train import checkpoint, train
