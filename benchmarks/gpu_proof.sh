@@ -51,7 +51,7 @@ if [ "$GPU_PROOF_SMOKE" = 1 ]; then
   : "${BENCH_SECONDS:=1}"
   SIZE_ARGS="data.image_size=8 data.limit=32 data.val_size=20 data.eval_batch_size=32 data.num_workers=0"
   SEED_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.head.epochs=1 schedule.stages.high.epochs=1 schedule.stages.full.epochs=1"
-  FAST_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.all.epochs=1 schedule.stages.all.sched.warmup_epochs=0"
+  FAST_SIZE="data.batch_size=16 train.checkpoint_every_n_epochs=0 schedule.stages.all.epochs=1 schedule.stages.all.sched.warmup_epochs=0 augment.cutout.size=4"
   BENCH_EXTRA="stage=full bench.max_steps=2 bench.warmup_steps=1"
   PROFILE_BATCHES="16"
   : "${PROFILE_STEPS:=3}" "${PROFILE_WARMUP:=1}"
