@@ -143,6 +143,9 @@ def _summarise(keys: list, n: int = 4) -> str:
 
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
     """Load every key or fail naming the missing, unexpected and mis-shaped keys (for init_from)."""
+    other_width = width_mismatch(model, state)
+    if other_width:  # every conv and BatchNorm would be listed: say the one setting that differs
+        raise WeightsError(f"{source} does not fit this model: {other_width}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -177,10 +180,29 @@ def imagenet_resnet18_state_dict(progress: bool = False) -> dict:
     return load_state_dict_file(path, "model.pretrained")
 
 
+def width_of(state: dict) -> Optional[int]:
+    """The model.width a state dict was saved at (bn1's channels), or None when it has no bn1."""
+    bn1 = state.get("bn1.weight")
+    return int(bn1.shape[0]) if isinstance(bn1, torch.Tensor) and bn1.dim() == 1 else None
+
+
+def width_mismatch(model: nn.Module, state: dict) -> str:
+    """'the file holds a model.width=W network, ...: set model.width=W' when the widths differ, else ''."""
+    file_width, own_width = width_of(state), width_of(model.state_dict())
+    if file_width is None or own_width is None or file_width == own_width:
+        return ""
+    return (f"the file holds a model.width={file_width} network, this model has model.width={own_width}: "
+            f"set model.width={file_width}")
+
+
 def load_initial_weights(model: nn.Module, weights: Optional[str], pretrained: bool) -> Optional[LoadReport]:
     """Apply `model.weights` (a file) or `model.pretrained` (ImageNet); None when neither is asked for."""
     if weights:
-        report = load_matching(model, load_state_dict_file(weights, "model.weights"))
+        state = load_state_dict_file(weights, "model.weights")
+        other_width = width_mismatch(model, state)
+        if other_width:  # ImageNet's and the post's files are 64 wide; another width would take only shape-free keys
+            raise WeightsError(f"model.weights: {weights} does not fit this model: {other_width}")
+        report = load_matching(model, state)
         if not report.loaded:
             raise WeightsError(f"model.weights: no tensor in {weights} matches this model by name and shape "
                                f"(e.g. {', '.join((report.unexpected + report.mismatched)[:3])}); is it a ResNet18?")

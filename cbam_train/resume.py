@@ -3,18 +3,18 @@ may make, and whether the data is still the same. What the checkpoint holds is r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from cbam_train.checkpoint import load_checkpoint
-from cbam_train.config import ConfigError, UserError
+from cbam_train.config import Config, ConfigError, UserError
 from cbam_train.overrides import run_dir_of
 from cbam_train.run_state import RunState, describe
 
 # A resume that changes one of these would continue a different model or different data: refused.
 # (model.pretrained / model.weights only choose the starting weights, which a resume takes from the checkpoint.)
-REFUSED = ("model.name", "model.num_classes", "model.stem", "model.cbam.", "data.name", "data.root",
+REFUSED = ("model.name", "model.num_classes", "model.stem", "model.width", "model.cbam.", "data.name", "data.root",
            "data.image_size", "data.num_classes", "data.train_size", "data.test_size", "data.val_size", "data.limit",
            "data.mean", "data.std", "data.bad_images", "seed")
 # Changing these does not change a single number of the run.
@@ -44,6 +44,9 @@ def config_changes(old: dict, new: dict) -> tuple:
     """(refused, other) lists of 'key: old -> new' between a checkpoint's config and the resuming one;
     harmless keys are left out of both."""
     a, b = flatten(old), flatten(new)
+    # a key the checkpoint's cbam-train did not have yet (model.width, ...) ran at the schema's default
+    defaults = flatten(asdict(Config()))
+    a = {**{k: v for k, v in defaults.items() if k in b and k not in a}, **a}
     refused, other = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") == b.get(key, "<unset>") or _in(key, HARMLESS):

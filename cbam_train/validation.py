@@ -11,11 +11,12 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator
 
-from cbam_train.config import (EXPORT_FORMATS, SHOW_CONFIG, SUMMARY_METRICS, TASKS, AugmentConfig, Config,
-                               ConfigError, DataConfig, LrFindConfig, ModelConfig)
+from cbam_train.config import (EXPORT_FORMATS, RESNET18_WIDTH, SHOW_CONFIG, SUMMARY_METRICS, TASKS, AugmentConfig,
+                               Config, ConfigError, DataConfig, LrFindConfig, ModelConfig)
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}
+MAX_WIDTH = 1024  # 16x ResNet18's channels: ~2.8 G parameters, past one GPU's memory with Adam state
 POLICIES = ("none", "trivial", "autoaugment")  # augment.policy  # the stem's total stride: below it layer4's 1x1 map is mostly padding
 
 
@@ -63,6 +64,7 @@ def validate(cfg: Config) -> Config:
     check_finite(cfg)
     _check_task(cfg)
     _check_model(cfg.model)
+    _check_pretrained(cfg)
     _check_data(cfg.data, cfg.model, needs_root=cfg.task != "predict")  # predict reads inputs=, not the data
     _check_augment(cfg.augment, cfg.data.image_size)
     _check_schedule(cfg)
@@ -100,8 +102,22 @@ def _check_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
                           f"{m.num_classes}")
     _positive("model.cbam.reduction", m.cbam.reduction)
+    if not 1 <= m.width <= MAX_WIDTH:
+        raise ConfigError(f"model.width must be in [1, {MAX_WIDTH}] (channels of conv1 and layer1; 64 is ResNet18), "
+                          f"got {m.width}")
     if m.cbam.kernel_size < 1 or m.cbam.kernel_size % 2 == 0:
         raise ConfigError(f"model.cbam.kernel_size must be a positive odd number, got {m.cbam.kernel_size}")
+
+
+def _check_pretrained(cfg: Config) -> None:
+    """ImageNet's ResNet18 exists at one width; refused where it would be loaded (a training run or lr_find that
+    takes no other weights: init_from, resume and model.weights supply their own)."""
+    m = cfg.model
+    loads_imagenet = (m.pretrained and not m.weights and not cfg.init_from and not cfg.resume
+                      and cfg.task in ("train", "lr_find"))
+    if loads_imagenet and m.width != RESNET18_WIDTH:
+        raise ConfigError(f"model.pretrained=true needs model.width={RESNET18_WIDTH} (the ImageNet ResNet18 is "
+                          f"{RESNET18_WIDTH} wide), got model.width={m.width}; set model.pretrained=false")
 
 
 def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:

@@ -13,13 +13,19 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from cbam_train.config import RESNET18_WIDTH
 from cbam_train.models.cbam import CBAM
 
 if TYPE_CHECKING:
     from cbam_train.config import ModelConfig
 
-STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet18
+
+
+def stage_channels(width: int = RESNET18_WIDTH) -> tuple:
+    """Channels of layer1..layer4: the base width, doubled at each stage ((64, 128, 256, 512) for ResNet18)."""
+    return tuple(width * 2**k for k in range(len(BLOCKS_PER_STAGE)))
+
 
 
 class CBAMBasicBlock(BasicBlock):
@@ -37,26 +43,29 @@ class CBAMBasicBlock(BasicBlock):
 
 
 class ResNetCBAM(nn.Module):
-    """ResNet18 + CBAM. ``freeze_bn``: BatchNorm layers whose parameters are all frozen stay in
-    eval mode through ``train()``, so frozen layers neither use batch statistics nor update them."""
+    """ResNet18 + CBAM. ``width``: conv1's and layer1's channels (64: ResNet18; narrower keeps every module,
+    key name and code path at a fraction of the compute). ``freeze_bn``: BatchNorm layers whose parameters are
+    all frozen stay in eval mode through ``train()``, so frozen layers neither use batch statistics nor update
+    them."""
 
     def __init__(self, num_classes: int = 10, stem: str = "cifar", cbam_enabled: bool = True,
                  placement: str = "stage", reduction: int = 16, kernel_size: int = 7,
-                 init: str = "identity") -> None:
+                 init: str = "identity", width: int = RESNET18_WIDTH) -> None:
         super().__init__()
+        channels = stage_channels(width)
         if stem == "cifar":  # 32x32 inputs: keep full resolution into layer1
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
         elif stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
             raise ValueError(f"model.stem: unknown value {stem!r}; choose one of: cifar, imagenet")
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        in_ch = 64
+        in_ch = width
         in_block = cbam_enabled and placement == "block"
-        for k, (ch, n) in enumerate(zip(STAGE_CHANNELS, BLOCKS_PER_STAGE), start=1):
+        for k, (ch, n) in enumerate(zip(channels, BLOCKS_PER_STAGE), start=1):
             blocks = []
             for i in range(n):
                 stride = 2 if (i == 0 and k > 1) else 1
@@ -70,11 +79,11 @@ class ResNetCBAM(nn.Module):
                 in_ch = ch
             setattr(self, f"layer{k}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(channels[-1], num_classes)
         self._init_backbone()  # before the stage CBAMs exist: their own init must not be overwritten
         if cbam_enabled and placement == "stage":
             self.cbam = nn.ModuleDict(
-                {f"layer{k}": CBAM(ch, reduction, kernel_size, init) for k, ch in enumerate(STAGE_CHANNELS, 1)})
+                {f"layer{k}": CBAM(ch, reduction, kernel_size, init) for k, ch in enumerate(channels, 1)})
         elif placement not in ("stage", "block"):
             raise ValueError(f"model.cbam.placement: unknown value {placement!r}; choose one of: stage, block")
         self.freeze_bn = True
@@ -115,4 +124,4 @@ def build_model(cfg: "ModelConfig") -> ResNetCBAM:
     """Build the model described by a ModelConfig (weights are loaded separately, see checkpoint.py)."""
     return ResNetCBAM(num_classes=cfg.num_classes, stem=cfg.stem, cbam_enabled=cfg.cbam.enabled,
                       placement=cfg.cbam.placement, reduction=cfg.cbam.reduction,
-                      kernel_size=cfg.cbam.kernel_size, init=cfg.cbam.init)
+                      kernel_size=cfg.cbam.kernel_size, init=cfg.cbam.init, width=cfg.width)
