@@ -12,8 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-import torch
-
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it (briefly)
@@ -52,6 +50,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically (see atomic_write)."""
+    import torch  # here, not at the top: the CLI imports this module, and a config error should not wait for torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
