@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cbam_train.cli import find_conf_dir, register_configs
 from cbam_train.config import Config
@@ -21,12 +25,18 @@ from cbam_train.validation import validate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compose_config(overrides: list | None = None) -> Config:
-    """The typed Config that `cbam-train <overrides>` would run with."""
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple) -> DictConfig:
+    """Hydra's composition of `overrides` (~0.1-0.2 s each on 2 cores), once per session: read only, never handed
+    out (compose_config converts it to new dataclasses each time). A failed composition raises and is not kept."""
     register_configs()
     with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=list(overrides or []))
-    return validate(OmegaConf.to_object(dcfg))
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def compose_config(overrides: list | None = None) -> Config:
+    """The typed Config that `cbam-train <overrides>` would run with (a new object each call, validated)."""
+    return validate(OmegaConf.to_object(_composed(tuple(overrides or []))))
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -43,6 +53,16 @@ def tv_state():
 
     torch.manual_seed(0)
     return torchvision.models.resnet18().state_dict()
+
+
+@pytest.fixture(scope="session")
+def narrow_tv_state():
+    """tv_state's layout (torchvision's names, 7x7 conv1, 1000-way fc, no CBAM) at model.width=8: stands in for
+    the ImageNet file in runs of the narrow network (NARROW), where loading it is not what is tested."""
+    from cbam_train.models import ResNetCBAM
+
+    torch.manual_seed(0)
+    return ResNetCBAM(num_classes=1000, stem="imagenet", cbam_enabled=False, width=8).state_dict()
 
 
 @pytest.fixture
@@ -98,19 +118,86 @@ def _no_inherited_process_group(monkeypatch):
 
 
 def run_cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m cbam_train ARGS` in a subprocess (the real CLI), capturing output as text."""
+    """Run `python -m cbam_train ARGS` in a subprocess (the real CLI), capturing output as text. For tests whose
+    subject is the process: signals, torchrun, launcher plugins, the entry point itself. Elsewhere call_cli."""
     return subprocess.run([sys.executable, "-m", "cbam_train", *args], cwd=cwd, env=child_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
+# What a fresh interpreter starts with (Python's documented default filters): the in-process CLI shows the warnings
+# a user's terminal would, not pytest's per-test filters.
+DEFAULT_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                           ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                           ("ignore", ResourceWarning, None)]
+
+
+@contextlib.contextmanager
+def _as_a_process(args: list, cwd: Path, env: dict | None):
+    """argv, cwd, environment, torch threads and stdout/stderr as `python -m cbam_train ARGS` in cwd would have
+    them; everything restored after. Yields (stdout, stderr) StringIOs; recorded warnings go to stderr."""
+    saved = (sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(), sys.stdout, sys.stderr)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        torch.set_num_threads(int(child_threads()))  # as a child gets: the same float summation order
+        os.chdir(cwd)
+        sys.argv, sys.stdout, sys.stderr = ["cbam-train", *args], out, err
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category, module in DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module or "")
+            try:
+                yield out, err
+            finally:
+                for w in caught:
+                    err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    finally:
+        sys.argv, cwd_before, env_before, threads, sys.stdout, sys.stderr = saved
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(env_before)
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default float dtype set for the block, restored after (what tests/float64_cli.py does for a whole
+    process: cbam_train makes no tensor at import, so a run started inside the block builds all of its own in it)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def call_cli(args: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cbam-train ARGS` run in this process through cli.main(), returned as run_cli returns a subprocess's
+    result (returncode, stdout, stderr). ~3 s cheaper per call than a child, which pays for importing torch;
+    for every test whose subject is not the process itself. An exception main() does not turn into an exit
+    (a bug: a real process would print its traceback) propagates and fails the test."""
+    from cbam_train.cli import main
+
+    code: int = 0
+    with _as_a_process(list(args), cwd, env) as (out, err):
+        try:
+            main()
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                err.write(e.code + "\n")
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess(["cbam-train", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli(tmp_path):
-    """Call the CLI with cwd=tmp_path; every call gets hydra.run.dir under tmp_path unless given."""
+    """Call the CLI in this process (call_cli) with cwd=tmp_path; every call gets hydra.run.dir under tmp_path
+    unless given."""
     def _run(*args: str, env: dict | None = None, run_dir: Path | None = None) -> subprocess.CompletedProcess:
         args = list(args)
         if not any(a.startswith("hydra.run.dir=") for a in args):
             args.append(f"hydra.run.dir={run_dir or tmp_path / 'run'}")
-        return run_cli(args, cwd=tmp_path, env=env)
+        return call_cli(args, cwd=tmp_path, env=env)
     return _run
 
 
@@ -141,8 +228,19 @@ def write_cifar(root: Path, meta_key="label_names", meta_names=None, per_batch: 
     return written
 
 
+# The network for every end-to-end test where ResNet18's width is not the subject: all its modules, key names and
+# code paths, 1/64 of its weights (a 2 MB checkpoint with Adam state instead of 135 MB) and of its convolutions' work.
+NARROW = "model.width=8"
+
+# For runs whose attention pictures are not what a test checks: no stage-end attention report (~1.3 s of drawing
+# per stage on 2 cores, most of a tiny run). The reports are drawn and checked by the session's trained run
+# (test_explain.py), the smoke run (test_cli.py), the SIGKILL resumes (test_resume.py: a kill may land while one is
+# drawn, and the resumed run must still be bit-identical) and the 2-process run (test_distributed.py).
+PICTURES_OFF = ["log.attention_report=false"]
+
 # The run task=predict and task=export read (tests/test_predict.py, tests/test_export.py), trained once per session.
-SMOKE_RUN = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "data.val_size=16", "data.test_size=16",
+SMOKE_RUN = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=64", "data.val_size=16",
+             "data.test_size=16",
              "data.batch_size=16", "log.mode=plain", "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1",
              "schedule.stages.full.epochs=1"]
 
@@ -151,6 +249,40 @@ SMOKE_RUN = ["experiment=smoke", "data.image_size=8", "data.train_size=64", "dat
 def trained(tmp_path_factory) -> Path:
     """A tiny smoke run (3 stages x 1 epoch, 8x8 images, 16 val images) through the CLI: its run dir."""
     tmp = tmp_path_factory.mktemp("trained")
-    proc = run_cli(SMOKE_RUN + [f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+    proc = call_cli(SMOKE_RUN + [f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
     assert proc.returncode == 0, proc.stderr
     return tmp / "run"
+
+
+# --- the time budget (docs/TESTING.md) ------------------------------------------------------------------------
+
+BUDGET_S = 5.0  # setup + call + teardown of one test on a 2-core VM; the tests allowed more are listed in the doc
+BUDGET_DOC = ROOT / "docs" / "TESTING.md"
+_durations: dict = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def allowed_over_budget(doc: Path = BUDGET_DOC) -> set:
+    """The tests docs/TESTING.md's budget section names (`tests/test_x.py::test_name`, any parametrisation)."""
+    import re
+
+    if not doc.is_file():
+        return set()
+    text = doc.read_text()
+    section = text.split("## Budget", 1)[1].split("\n## ", 1)[0] if "## Budget" in text else ""
+    return set(re.findall(r"`(tests/[\w/]+\.py::\w+)`", section))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name every test over BUDGET_S that the budget does not list: a report, not a failure (a busy machine is
+    slower, and timing is not what a test proves), so each CI log shows where the suite is growing."""
+    allowed = allowed_over_budget()
+    over = sorted(((t, nodeid) for nodeid, t in _durations.items()
+                   if t > BUDGET_S and nodeid.split("[")[0] not in allowed), reverse=True)
+    if over:
+        terminalreporter.write_sep("-", f"over the {BUDGET_S:g} s budget and not listed in docs/TESTING.md")
+        for t, nodeid in over:
+            terminalreporter.write_line(f"{t:6.1f}s {nodeid}")

@@ -45,11 +45,11 @@ def formula_images(n: int = 4, size: int = 32) -> torch.Tensor:
     ("block", True, [f"layer{k}.{i}" for k in range(1, 5) for i in (0, 1)]),
 ])
 def test_cbam_modules_per_placement(placement, all_blocks, names):
-    assert [n for n, _ in cbam_modules(ResNetCBAM(placement=placement), all_blocks)] == names
+    assert [n for n, _ in cbam_modules(ResNetCBAM(placement=placement, width=8), all_blocks)] == names
 
 
 def test_no_cbam_means_no_modules_and_grad_cam_only():
-    model = ResNetCBAM(cbam_enabled=False).eval()
+    model = ResNetCBAM(cbam_enabled=False, width=8).eval()
     att = inspect(model, torch.randn(2, 3, 16, 16))
     assert att.channel == {} and att.spatial == {}
     assert att.gradcam.shape == (2, 16, 16)
@@ -58,7 +58,7 @@ def test_no_cbam_means_no_modules_and_grad_cam_only():
 @pytest.mark.parametrize("placement", ["stage", "block"])
 def test_untrained_identity_model_has_zero_drift_exactly(placement):
     torch.manual_seed(0)
-    model = ResNetCBAM(placement=placement, init="identity")
+    model = ResNetCBAM(placement=placement, init="identity", width=8)
     att = inspect(model, torch.randn(3, 3, 32, 32), all_blocks=True)
     summary = summarise(att, torch.tensor([0, 1, 2]), [f"c{i}" for i in range(10)], "identity")
     assert len(summary["modules"]) == (4 if placement == "stage" else 8)
@@ -67,7 +67,7 @@ def test_untrained_identity_model_has_zero_drift_exactly(placement):
         assert m["channel_gate_mean"] == 1.0
         assert sum(m["channel_hist"]["counts"]) == 3 * m["channels"]
     # a seed-init model's plain sigmoid gates start near 0.5: far from the pass-through
-    seed = summarise(inspect(ResNetCBAM(placement=placement, init="seed"), torch.randn(3, 3, 32, 32)),
+    seed = summarise(inspect(ResNetCBAM(placement=placement, init="seed", width=8), torch.randn(3, 3, 32, 32)),
                      torch.tensor([0, 1, 2]), [f"c{i}" for i in range(10)], "seed")
     assert all(m["channel_drift"] > 0.2 for m in seed["modules"])
     assert "0.5" in seed["reference_means"] and "exactly 1" in summary["reference_means"]
@@ -75,7 +75,7 @@ def test_untrained_identity_model_has_zero_drift_exactly(placement):
 
 def test_inspect_changes_no_weight_gradient_statistic_or_mode():
     torch.manual_seed(0)
-    model = ResNetCBAM(placement="stage")
+    model = ResNetCBAM(placement="stage", width=8)
     for p in model.layer1.parameters():  # a partly frozen model, as in a stage-end report
         p.requires_grad_(False)
     model.train()
@@ -89,7 +89,7 @@ def test_inspect_changes_no_weight_gradient_statistic_or_mode():
 
 
 def test_inspect_works_with_every_module_frozen():
-    model = ResNetCBAM(placement="block").eval()
+    model = ResNetCBAM(placement="block", width=8).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     att = inspect(model, torch.randn(2, 3, 32, 32))
@@ -150,7 +150,7 @@ def test_report_pictures_decode_with_the_expected_layout(tmp_path, placement, co
     """attention.png: a row per image, a column for the input, each module and Grad-CAM (1.45 in at 100 dpi each);
     gates.png: one panel per module."""
     torch.manual_seed(0)
-    model = ResNetCBAM(num_classes=3, placement=placement)
+    model = ResNetCBAM(num_classes=3, placement=placement, width=8)
     picked = ImageSet(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2]), [0, 1, 2])
     summary, drawing = attention_report(model, picked, ["a", "b", "c"], ((0.5,) * 3, (0.25,) * 3),
                                         torch.device("cpu"), "identity")
@@ -193,10 +193,12 @@ def quadrant_share(maps: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_attention_finds_the_quadrant_that_holds_the_evidence():
     """After a short training on quadrant_data, more than half of the Grad-CAM mass and of the last spatial gate's
-    above-mean mass fall in the top-left quadrant (chance: a quarter). 64x64 images, so layer4's maps are 8x8."""
+    above-mean mass fall in the top-left quadrant (chance: a quarter). 48x48 images, so layer4's maps are 6x6; at
+    ResNet18's width, where what a real network learns is the subject. (At 48 px seeds 0, 1 and 2 all clear both
+    bars, Grad-CAM at 0.52-0.61 and the gate at 0.82-0.89; 64 px cost twice as much and seed 2 gave 0.44.)"""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    x, y = quadrant_data(256, g)
+    x, y = quadrant_data(256, g, size=48)
     model = ResNetCBAM(num_classes=4, placement="stage", init="identity")
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     model.train()
@@ -208,7 +210,7 @@ def test_attention_finds_the_quadrant_that_holds_the_evidence():
             opt.zero_grad()
             loss.backward()
             opt.step()
-    xt, yt = quadrant_data(64, g)
+    xt, yt = quadrant_data(64, g, size=48)
     att = inspect(model, (xt - 0.5) / 0.25)
     assert float((att.pred == yt).float().mean()) > 0.9  # it learned the task: the maps are worth reading
     cam = float(quadrant_share(att.gradcam).mean())

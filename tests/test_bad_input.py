@@ -1,5 +1,6 @@
-"""Bad input through the real CLI: every case exits non-zero with one 'error:' line that says what is wrong
-(the key, the file, or what to do), no traceback, and leaves the files it was given untouched."""
+"""Bad input through the CLI's entry point (cli.main, in this process): every case exits non-zero with one
+'error:' line that says what is wrong (the key, the file, or what to do), no traceback, and leaves the files it
+was given untouched. test_cli.py checks the same contract in a real process."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, write_cifar
+from conftest import PICTURES_OFF, call_cli, write_cifar
 
 # tiny settings: a failing call spends its ~2-4 s on start-up, not on data
-BASE = {"experiment": "smoke", "data.image_size": 8, "data.train_size": 64, "data.val_size": 16,
-        "data.test_size": 16, "data.batch_size": 16, "log.mode": "plain"}
+BASE = {"experiment": "smoke", "model.width": 8, "data.image_size": 8, "data.train_size": 64, "data.val_size": 16,
+        "data.test_size": 16, "data.batch_size": 16, "log.mode": "plain",
+        **dict(o.split("=") for o in PICTURES_OFF)}
 ONE_EPOCH_PER_STAGE = {"schedule.stages.head.epochs": 1, "schedule.stages.high.epochs": 1,
                        "schedule.stages.full.epochs": 1, "train.checkpoint_every_n_epochs": 0}
 CLASSES = ("ant", "bee", "cat")
@@ -100,7 +102,7 @@ class Case:
 def trained_run(tmp_path_factory) -> Path:
     """One tiny trained run (3 stages x 1 epoch, synthetic 8x8): its model.pt and .hydra are the cases' input."""
     tmp = tmp_path_factory.mktemp("trained")
-    proc = run_cli(argv(ONE_EPOCH_PER_STAGE, f"hydra.run.dir={tmp / 'run'}"), cwd=tmp)
+    proc = call_cli(argv(ONE_EPOCH_PER_STAGE, f"hydra.run.dir={tmp / 'run'}"), cwd=tmp)
     assert proc.returncode == 0, proc.stderr
     assert (tmp / "run" / "model.pt").is_file()
     return tmp / "run"
@@ -231,14 +233,14 @@ def checkpoint_torchvision_resnet(tmp, trained):
 
     path = tmp / "resnet18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), path)  # 7x7 conv1, 1000-way fc, no CBAM
-    return Case(argv(None, "task=eval", f"checkpoint={path}"), ("checkpoint=", "fc.weight", "conv1.weight"),
-                watch=(path,))
+    return Case(argv({"model.width": 64}, "task=eval", f"checkpoint={path}"),  # the architecture, not the width
+                ("checkpoint=", "fc.weight", "conv1.weight"), watch=(path,))
 
 
 def checkpoint_other_num_classes(tmp, trained):
     run = trained()
     return Case(argv(None, "task=eval", f"checkpoint={run / 'model.pt'}", "model.num_classes=5"),
-                ("fc.weight (10, 512) vs (5, 512)",), watch=(run,))
+                ("fc.weight (10, 64) vs (5, 64)",), watch=(run,))
 
 
 def checkpoint_hostile_pickle(tmp, trained):
@@ -261,12 +263,27 @@ def weights_wrong_shape(tmp, trained):
     return Case(argv(None, f"model.weights={path}"), ("model.weights", str(path), "conv1.weight"), watch=(path,))
 
 
+def weights_of_another_width(tmp, trained):
+    import torchvision
+
+    path = tmp / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)  # 64 wide, the shape of ImageNet's and the post's
+    return Case(argv(None, f"model.weights={path}"), ("model.weights", str(path), "model.width=64", "model.width=8"),
+                watch=(path,))
+
+
+def init_from_other_width(tmp, trained):
+    path = trained() / "model.pt"  # model.width=8
+    return Case(argv({"model.width": 16}, f"init_from={path}"),
+                ("init_from", "model.width=8 network", "model.width=16", "set model.width=8"), watch=(path,))
+
+
 def init_from_wrong_fc(tmp, trained):
     state = torch.load(trained() / "model.pt", weights_only=True)
-    state["fc.weight"], state["fc.bias"] = torch.zeros(5, 512), torch.zeros(5)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(5, 64), torch.zeros(5)  # model.width=8: 64 features
     path = tmp / "five_classes.pt"
     torch.save(state, path)
-    return Case(argv(None, f"init_from={path}"), ("init_from", "fc.weight (5, 512) vs (10, 512)"), watch=(path,))
+    return Case(argv(None, f"init_from={path}"), ("init_from", "fc.weight (5, 64) vs (10, 64)"), watch=(path,))
 
 
 def resume_missing(tmp, trained):
@@ -307,6 +324,10 @@ CASES = [
     pytest.param(config_case("stage=nosuch", "stage=nosuch", "unknown stage"), id="stage_unknown_name"),
     pytest.param(config_case("schedule.stages.head.trainable=[layer5]", "schedule.stages.head.trainable",
                              "'layer5'"), id="trainable_unknown_module"),
+    pytest.param(config_case("model.width=0", "model.width must be in [1, 1024]"), id="width_zero"),
+    pytest.param(config_case("model.pretrained=true", "model.pretrained=true needs model.width=64",
+                             "model.pretrained=false"), id="pretrained_narrow"),
+    pytest.param(weights_of_another_width, id="model_weights_other_width"),
     pytest.param(missing_data_root, id="data_root_missing"),
     pytest.param(empty_dataset, id="imagefolder_no_class_folders"),
     pytest.param(class_folder_without_images, id="imagefolder_class_without_images"),
@@ -328,6 +349,7 @@ CASES = [
     pytest.param(checkpoint_hostile_pickle_in_run_dir, id="checkpoint_hostile_pickle_in_run_dir"),
     pytest.param(weights_wrong_shape, id="model_weights_wrong_shape"),
     pytest.param(init_from_wrong_fc, id="init_from_wrong_fc_shape"),
+    pytest.param(init_from_other_width, id="init_from_other_width"),
     pytest.param(resume_missing, id="resume_missing"),
     pytest.param(resume_not_a_run_dir, id="resume_not_a_run_dir"),
     pytest.param(output_dir_not_writable, id="output_dir_not_writable"),
@@ -345,7 +367,7 @@ def test_bad_input_is_one_line_and_touches_nothing(make, tmp_path, request):
     assert before or not case.watch  # the watched inputs exist
     args = case.args + ([] if any(a.startswith("hydra.run.dir=") for a in case.args)
                         else [f"hydra.run.dir={tmp_path / 'run'}"])
-    proc = run_cli(args, cwd=tmp_path)
+    proc = call_cli(args, cwd=tmp_path)  # in this process: test_cli.py runs the entry point's contract for real
 
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

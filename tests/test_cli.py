@@ -1,4 +1,5 @@
-"""The real CLI in a subprocess: the smoke run's outputs, stage/lr/init_from, and bad input."""
+"""The CLI: the smoke run's outputs and console in a real subprocess, stage/lr/init_from, offline downloads and
+bad input through cli.main in this process, and the entry point's one-line contract in a real one."""
 
 from __future__ import annotations
 
@@ -108,6 +109,34 @@ def test_lr_override_scales_every_stage(cli, tmp_path):
         [2e-3, 2e-4, 2e-5])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("override, expect", [("data.nosuch=1", "data.nosuch"), ("lr=0", "lr must be > 0")],
+                         ids=["hydra_composition", "validation"])
+def test_a_real_process_exits_2_with_one_line(tmp_path, override, expect):
+    """The entry point's contract in a real interpreter (the in-process tests below and test_bad_input.py call
+    cli.main() directly): Hydra's own composition error and one of ours, each one line and exit status 2."""
+    from conftest import run_cli
+
+    proc = run_cli(["experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert expect in one_error_line(proc)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_the_entry_point_imports_neither_torch_nor_torchvision():
+    """A config error answers before torch is imported (~2 s of a CPU process's start-up): cbam_train.cli and
+    what it imports at the top leave torch to the task that needs it."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    code = "import sys, cbam_train.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # unknown group option / key, wrong type, lr, epochs, stage, trainable, data root: tests/test_bad_input.py
 @pytest.mark.parametrize("override, expect", [
     ("data=imagefolder", "data.root"),
@@ -125,7 +154,8 @@ def test_bad_override_is_one_line_exit_2(cli, override, expect):
 
 @pytest.mark.slow
 def test_offline_pretrained_weights_fail_with_the_options(cli, tmp_path):
-    proc = cli("experiment=smoke", "model.pretrained=true", env={**OFFLINE, "TORCH_HOME": str(tmp_path / "th")})
+    proc = cli("experiment=smoke", "model.pretrained=true", "model.width=64",
+               env={**OFFLINE, "TORCH_HOME": str(tmp_path / "th")})
     assert proc.returncode == 2
     line = one_error_line(proc)
     assert str(tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line

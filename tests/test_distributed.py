@@ -13,9 +13,9 @@ import torch
 
 from cbam_train.data import SeededOrder, shard_order
 from cbam_train.distributed import Dist, sync_batchnorm
-from conftest import child_env
+from conftest import NARROW, PICTURES_OFF, call_cli, child_env, default_dtype
 
-BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
+BASE = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
         "augment=none", "log.mode=plain", "log.every_n_steps=4"]
 
 
@@ -30,9 +30,9 @@ def torchrun(args: list, cwd: Path, nproc: int = 2, float64: bool = False) -> su
 
 
 def single(args: list, cwd: Path, float64: bool = False) -> subprocess.CompletedProcess:
-    env = child_env({"OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, *([FLOAT64_CLI] if float64 else ["-m", "cbam_train"]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """One process's run, in this one (cli.main); float64 as tests/float64_cli.py gives torchrun's processes."""
+    with default_dtype(torch.float64 if float64 else torch.get_default_dtype()):
+        return call_cli(args, cwd)
 
 
 def float64_weights_match(a: Path, b: Path) -> tuple:
@@ -77,7 +77,8 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     gradient does not depend on its batch: 2 x 16 under DDP must equal 32 in one process up to the rounding
     of sums taken in another order (DDP averages two partial gradients; one process sums all 32).
 
-    Both runs train in float64 (tests/float64_cli.py), so the tolerance follows from the arithmetic, not
+    Both runs train in float64 (tests/float64_cli.py under torchrun, conftest.default_dtype for the single
+    process), so the tolerance follows from the arithmetic, not
     from one CPU: float64's unit roundoff is 2^-53 = 1.1e-16, and 12 SGD steps amplified float32's rounding
     (2^-24) into weight differences of up to 7.1e-6 on one machine, a factor of ~1e2 over weights of O(1);
     the same amplification in float64 gives ~1e-14. A batching or averaging bug moves weights by a share
@@ -85,7 +86,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     losses sit orders of magnitude from both. val_loss is computed from float32 logits (evaluate casts
     them): summing 32 of them in another order changes it by at most ~32 x 2^-24 = 2e-6 relative."""
     common = BASE + ["stage=head", "schedule.stages.head.epochs=2", "schedule.stages.head.trainable=[fc,cbam]",
-                     "optim=sgd", "lr=0.05"]
+                     "optim=sgd", "lr=0.05", *PICTURES_OFF]
     one = single(common + ["data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, float64=True)
     two = torchrun(common + ["data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, float64=True)
     assert one.returncode == 0, one.stderr

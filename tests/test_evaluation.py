@@ -1,4 +1,4 @@
-"""`cbam-train task=eval checkpoint=PATH` through the real CLI, on a tiny trained run: eval.json's numbers
+"""`cbam-train task=eval checkpoint=PATH` through cli.main, on a tiny trained run: eval.json's numbers
 agree with what training measured on the same model and data, and the eval never writes into a run."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from cbam_train.data import make_synthetic
-from conftest import SMOKE_RUN, run_cli
+from conftest import NARROW, PICTURES_OFF, SMOKE_RUN, call_cli
 
-pytestmark = pytest.mark.slow  # every test here evaluates through the CLI, in a subprocess
+pytestmark = pytest.mark.slow  # every test here evaluates through cli.main, on the session's trained run
 
 TINY = SMOKE_RUN  # the session's trained run's settings (conftest.trained)
 EVAL_KEYS = {"accuracy", "loss", "per_class", "confusion", "n", "classes", "split", "checkpoint"}
@@ -35,7 +35,7 @@ def error_line(proc) -> str:
 
 def evaluate(checkpoint: Path, out: Path, *extra: str):
     """Run `cbam-train task=eval checkpoint=...` into run dir `out`; (process, eval.json or None)."""
-    proc = run_cli(["task=eval", f"checkpoint={checkpoint}", *extra, f"hydra.run.dir={out}"], cwd=out.parent)
+    proc = call_cli(["task=eval", f"checkpoint={checkpoint}", *extra, f"hydra.run.dir={out}"], cwd=out.parent)
     result = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else None
     return proc, result
 
@@ -154,10 +154,10 @@ def folder_run(tmp_path_factory):
             a = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
             a[..., 0] = rng.integers(c * 90, c * 90 + 60, size=(8, 8), dtype=np.uint8)
             Image.fromarray(a).save(tmp / "imgs" / "train" / name / f"img{k}.png")
-    proc = run_cli(["experiment=smoke", "data=imagefolder", f"data.root={tmp / 'imgs'}", "data.image_size=8",
+    proc = call_cli(["experiment=smoke", NARROW, "data=imagefolder", f"data.root={tmp / 'imgs'}", "data.image_size=8",
                     "data.val_size=3", "data.batch_size=4", "model.num_classes=3", "log.mode=plain",
                     "schedule.stages.head.epochs=1", "schedule.stages.high.epochs=1", "schedule.stages.full.epochs=1",
-                    "train.checkpoint_every_n_epochs=0", f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+                    "train.checkpoint_every_n_epochs=0", *PICTURES_OFF, f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
     assert proc.returncode == 0, proc.stderr
     return tmp / "run", tmp / "imgs"
 

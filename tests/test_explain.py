@@ -1,4 +1,4 @@
-"""task=explain through the real CLI on the session's smoke-trained run, the stage-end attention report that run
+"""task=explain through cli.main on the session's smoke-trained run, the stage-end attention report that run
 wrote (log.attention_report is on by default), and bad checkpoints refused with one line, as task=eval does."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import call_cli
 from test_bad_input import hostile_file
 
-pytestmark = pytest.mark.slow  # subprocess runs of the CLI
+pytestmark = pytest.mark.slow  # task=explain through cli.main, on the session's trained run
 
 
 def explain(checkpoint, out, *extra):
-    return run_cli(["task=explain", f"checkpoint={checkpoint}", *extra, f"hydra.run.dir={out}"], cwd=out.parent)
+    return call_cli(["task=explain", f"checkpoint={checkpoint}", *extra, f"hydra.run.dir={out}"], cwd=out.parent)
 
 
 def one_error_line(proc) -> str:

@@ -14,15 +14,15 @@ from cbam_train.config import ConfigError
 from cbam_train.device import Amp
 from cbam_train.engine import (EpochSetup, micro_batch_share, optimizer_step, optimizer_steps_per_epoch,
                                train_one_epoch)
-from conftest import compose_config
+from conftest import NARROW, PICTURES_OFF, compose_config
 
 # 200 images, 32 held out: 168 train. At batch 32, 5 full batches and one of 8; at batch 16, 10 full and one of
 # 8, i.e. 5 groups of 2 and a last group of 1 -- which must average over its 8 images alone, as the 32-run's
 # last batch does.
-BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=200", "data.val_size=32", "data.test_size=32",
+BASE = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=200", "data.val_size=32", "data.test_size=32",
         "augment=none", "log.mode=quiet", "stage=head", "schedule.stages.head.epochs=2",
         "schedule.stages.head.trainable=[fc,cbam,layer4.1.conv2]", "optim=sgd", "lr=0.05",
-        "schedule.stages.head.sched.name=cosine", "schedule.stages.head.sched.warmup_epochs=0.5"]
+        "schedule.stages.head.sched.name=cosine", "schedule.stages.head.sched.warmup_epochs=0.5", *PICTURES_OFF]
 
 
 def rows(run_dir: Path) -> list:
@@ -115,7 +115,7 @@ def test_clipping_unscales_fp16_gradients_first():
 
 @pytest.mark.slow
 def test_two_times_16_accumulated_equals_32_through_the_cli(tmp_path):
-    """The whole run in float64 (tests/float64_cli.py), BatchNorm frozen (only fc, CBAM and one conv train,
+    """The whole run in float64 (conftest.default_dtype), BatchNorm frozen (only fc, CBAM and one conv train,
     freeze_bn keeps every BatchNorm in eval mode), no augmentation: batch 16 x 2 accumulated must train as
     batch 32, with the cosine schedule counting optimizer steps (5 + 1 per epoch in both; counting batches
     would stretch the warm-up and the cosine twofold and move the weights by a share of their update).

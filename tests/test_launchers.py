@@ -1,5 +1,6 @@
-"""Hydra's own launcher and sweeper plugins, end to end through the real CLI: submitit (the SLURM launcher's
-local twin), joblib (parallel jobs on one machine) and Optuna (search). Each sweep's summary is checked: its
+"""Hydra's own launcher and sweeper plugins, end to end through the CLI: submitit (the SLURM launcher's
+local twin) and joblib (parallel jobs on one machine) in a real process, whose children they start; Optuna (search,
+its jobs in the sweep's own process) through cli.main in this one. Each sweep's summary is checked: its
 rows, their statuses, the values the jobs returned, and a failed job that is recorded while the sweep goes on.
 The plugins are in the dev extra, so these run in CI; without a plugin its tests skip, saying which."""
 
@@ -12,11 +13,11 @@ import pytest
 import yaml
 
 from cbam_train.launchers import is_main_process, submitit_ranks
-from conftest import run_cli
+from conftest import NARROW, PICTURES_OFF, call_cli, run_cli
 
 # one stage of one epoch on 8x8 images: a job is start-up plus ~1 s of training
-TINY = ["experiment=smoke", "stage=head", "data.image_size=8", "data.train_size=96", "data.val_size=32",
-        "data.test_size=32", "data.batch_size=16", "log.mode=quiet"]
+TINY = ["experiment=smoke", NARROW, "stage=head", "data.image_size=8", "data.train_size=96", "data.val_size=32",
+        "data.test_size=32", "data.batch_size=16", "log.mode=quiet", *PICTURES_OFF]
 
 
 def needs(module: str, package: str) -> None:
@@ -109,8 +110,11 @@ def test_joblib_runs_two_jobs_at_once_and_records_the_failed_one(tmp_path):
     sweep = tmp_path / "sweep"
     # jobs of a few seconds each (16x16, 2 epochs): longer than the skew between the two workers' start-ups
     # (each imports torch before its job's clock starts), so "at the same time" cannot miss on a slow machine
-    longer = ["data.image_size=16", "data.train_size=192", "schedule.stages.head.epochs=2"]
-    tiny = [a for a in TINY if a.split("=")[0] not in ("data.image_size", "data.train_size")]
+    # at ResNet18's width (the smoke preset's 16 is 1/16 of the work): each job needs that length; no checkpoints
+    # (3 of 135 MB per job, and what a job saves is not the subject here)
+    longer = ["data.image_size=16", "data.train_size=192", "schedule.stages.head.epochs=2", "model.width=64",
+              "train.checkpoint_every_n_epochs=0"]
+    tiny = [a for a in TINY if a.split("=")[0] not in ("data.image_size", "data.train_size", "model.width")]
     proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny, *longer, "lr=3e-3,1e-3,-1",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     check_completed_and_failed(sweep, proc, completed=[0, 1], failed=[2])
@@ -123,7 +127,7 @@ def test_joblib_runs_two_jobs_at_once_and_records_the_failed_one(tmp_path):
 def test_optuna_search_returns_the_metric_and_the_summary_agrees_with_the_study(tmp_path):
     needs("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper")
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=3", *TINY,
+    proc = call_cli(["-m", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=3", *TINY,
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = summary(sweep)
@@ -134,7 +138,7 @@ def test_optuna_search_returns_the_metric_and_the_summary_agrees_with_the_study(
     best = next(r for r in rows if r["best_val_acc"] == study["best_value"])
     assert f"model.cbam.reduction={study['best_params']['model.cbam.reduction']}" in best["overrides"]
     # the seeded TPE sampler proposes the same trials again
-    again = run_cli(["-m", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=1", *TINY,
+    again = call_cli(["-m", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=1", *TINY,
                      f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=tmp_path)
     assert again.returncode == 0 and summary(tmp_path / "again")[0]["overrides"] == rows[0]["overrides"]
 
@@ -145,7 +149,7 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     # the random sampler at seed 0 proposes each lr once (numpy's seeded RandomState: the same on any machine);
     # the grid sampler cannot be used: hydra-optuna-sweeper 1.3.0 crashes on a failed grid trial (Study.stop)
-    proc = run_cli(["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+    proc = call_cli(["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
                     "hydra.sweeper.n_trials=2",
                     "hydra.sweeper.direction=maximize", "lr=choice(-1,1e-3)", *TINY, f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path)

@@ -16,10 +16,10 @@ from PIL import Image
 from cbam_train import lr_find
 from cbam_train.config import UserError
 from cbam_train.lr_find import local_lines, lr_schedule, override_for, run_lr_find, suggest
-from conftest import assert_same_state, compose_config
+from conftest import NARROW, assert_same_state, compose_config
 
 # 80 training images in batches of 16: 5 batches an epoch, so 10 steps go through the loader twice
-TINY = ["experiment=smoke", "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
+TINY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
         "data.test_size=16", "data.batch_size=16", "log.mode=plain", "lr_find.steps=10"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -95,7 +95,10 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
 
     monkeypatch.setattr(lr_find, "build_optimizer", build)
     monkeypatch.setattr(lr_find, "sweep", spy)
-    cfg = compose_config(TINY + ["stage=high", "schedule.stages.high.layer_decay=0.5", "lr_find.max_lr=1e-2"])
+    # reduction 4: at model.width=8 the default 16 leaves CBAM's channel MLP one hidden unit, which a ReLU can keep
+    # at zero for a whole sweep; then its first layer would not change although it trains
+    cfg = compose_config(TINY + ["stage=high", "schedule.stages.high.layer_decay=0.5", "lr_find.max_lr=1e-2",
+                                 "model.cbam.reduction=4"])
     out = run_lr_find(cfg, tmp_path / "run")
     assert out["stage"]["name"] == "high" and out["steps_run"] == 10 and not out["stopped_early"]
     mults = seen["mults"]
@@ -305,7 +308,7 @@ def train_loss_at(cfg, lr: float, steps: int, run_dir) -> float:
 # rounding, and the smallest margin is 0.93; the test asks for 0.3. Why it holds: the steepest descent lies at or
 # below the best lr (~1e-3 here), 1/100 of it barely moves the weights in 40 steps (the loss stays near its start,
 # ~2.4), and 100x of it (3.6e-2 to 0.14) is past where Adam trains this network from scratch (chance level, 2.30).
-FALSIFY = ["experiment=smoke", "task=lr_find", "data.image_size=8", "data.train_size=528", "data.val_size=16",
+FALSIFY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=528", "data.val_size=16",
            "data.test_size=16", "data.batch_size=32", "lr_find.steps=60", "log.mode=quiet"]
 
 

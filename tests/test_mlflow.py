@@ -15,7 +15,7 @@ from cbam_train.config import ConfigError, LoggerConfig
 from cbam_train.resume import flatten
 from cbam_train.tracking import DB_NAME, JobInfo, MlflowTracker, numeric_columns, store_uri
 from cbam_train.validation import validate
-from conftest import SMOKE_RUN, compose_config, run_cli
+from conftest import SMOKE_RUN, call_cli, compose_config, run_cli
 
 # The sweep's jobs draw no attention pictures: at 6 stage ends they cost 71 -> 113 s of CPU here (2026-12-02);
 # test_attention_pictures_are_logged_when_present checks that attention/ and attention*.png are logged.
@@ -56,19 +56,13 @@ def test_empty_experiment_name_is_refused():
 
 # ---------------------------------------------------------------- bad input, in-process through cli.main
 
-def cli_main(argv: list, tmp_path: Path, monkeypatch, capsys) -> tuple:
-    """(exit code, stderr lines, run dir) of `cbam-train ARGV` run in this process."""
-    from cbam_train import cli
-
+def cli_main(argv: list, tmp_path: Path) -> tuple:
+    """(exit code, stderr lines, run dir) of `cbam-train experiment=smoke logger=mlflow ARGV` run in this process."""
     run_dir = tmp_path / "run"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["cbam-train", "experiment=smoke", "log.mode=plain", "logger=mlflow", *argv,
-                                     f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return e.value.code, [ln for ln in err.splitlines() if ln.strip()], run_dir
+    proc = call_cli(["experiment=smoke", "log.mode=plain", "logger=mlflow", *argv, f"hydra.run.dir={run_dir}"],
+                    tmp_path)
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], run_dir
 
 
 def assert_nothing_written(run_dir: Path, tmp_path: Path) -> None:
@@ -79,7 +73,7 @@ def assert_nothing_written(run_dir: Path, tmp_path: Path) -> None:
 def test_without_mlflow_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
     for name in ("mlflow", "mlflow.tracking"):  # `import mlflow` now raises ImportError, as when not installed
         monkeypatch.setitem(sys.modules, name, None)
-    code, err, run_dir = cli_main([], tmp_path, monkeypatch, capsys)
+    code, err, run_dir = cli_main([], tmp_path)
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: logger=mlflow: the mlflow package is not installed; pip install 'cbam-train[mlflow]'")
     assert_nothing_written(run_dir, tmp_path)
@@ -93,7 +87,7 @@ def test_bad_tracking_uri_is_one_line(uri, says, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     (tmp_path / "afile").write_text("not a folder")
     uri = uri.format(file=tmp_path / "afile")
-    code, err, run_dir = cli_main([f"logger.tracking_uri={uri}"], tmp_path, monkeypatch, capsys)
+    code, err, run_dir = cli_main([f"logger.tracking_uri={uri}"], tmp_path)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: logger.tracking_uri={uri}") and says in err[0]
     assert_nothing_written(run_dir, tmp_path)
@@ -104,7 +98,9 @@ def test_bad_tracking_uri_is_one_line(uri, says, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """`cbam-train -m ... logger=[tensorboard,mlflow] logger.log_model=false,true` in a fresh folder: that folder."""
+    """`cbam-train -m ... logger=[tensorboard,mlflow] logger.log_model=false,true` in a fresh folder: that folder.
+    A real process: MLflow's and Alembic's loggers write to the stderr they found at import, which only a fresh
+    interpreter shows as a user would see it."""
     needs_mlflow()
     pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
     tmp = tmp_path_factory.mktemp("mlflow")
@@ -181,7 +177,7 @@ def test_resume_continues_the_run_and_a_rerun_epoch_replaces_its_values(sweep):
     for name in ("summary.json", "model.pt"):
         (run_dir / name).unlink()
     before = latest_per_step(client, run_id, "epoch_time_s")
-    proc = run_cli([f"resume={run_dir}", "log.mode=plain"], cwd=sweep)
+    proc = call_cli([f"resume={run_dir}", "log.mode=plain"], cwd=sweep)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id  # the same MLflow run
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 2

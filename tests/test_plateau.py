@@ -6,7 +6,7 @@ import pytest
 
 from cbam_train.config import ConfigError, PlateauConfig
 from cbam_train.plateau import best_so_far, describe, improved, stage_end
-from conftest import compose_config
+from conftest import NARROW, PICTURES_OFF, compose_config
 
 
 def rows_of(metric: str, values: list, first_epoch: int = 6) -> list:
@@ -70,10 +70,11 @@ def test_until_plateau_composes_from_the_command_line():
 # head: 1 epoch. high: at most 5, ends on a val_loss plateau after 1 + 2 epochs (no val_loss can beat the best by
 # 100). full: at most 4, early-stopped after 1 + 1 epochs (no val_acc can beat the best by 1.0). So the epochs
 # that run are 1 | 2 3 4 | 5 6, not the planned 1 | 2-6 | 7-10, whatever the training does.
-PLATEAUS = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+PLATEAUS = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
             "data.batch_size=16", "log.mode=plain", "log.every_n_steps=1", "schedule.stages.high.epochs=5",
             "schedule.stages.high.until_plateau={patience: 2, metric: val_loss, min_delta: 100}",
-            "schedule.stages.full.epochs=4", "schedule.stages.full.until_plateau={patience: 1, min_delta: 1.0}"]
+            "schedule.stages.full.epochs=4", "schedule.stages.full.until_plateau={patience: 1, min_delta: 1.0}",
+            *PICTURES_OFF]
 
 
 def metrics(run_dir) -> list:
@@ -126,9 +127,11 @@ def test_a_kill_in_the_middle_of_a_plateau_wait_resumes_to_the_same_end(tmp_path
 
     from test_resume import assert_same_run, run_until
 
+    from conftest import call_cli
+
     ref, run = tmp_path / "ref", tmp_path / "run"
-    rc, out = run_until(PLATEAUS + [f"hydra.run.dir={ref}"], tmp_path)
-    assert rc == 0, out
+    proc = call_cli(PLATEAUS + [f"hydra.run.dir={ref}"], tmp_path)  # the uninterrupted run, in this process
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     rc, out = run_until(PLATEAUS + ["train.checkpoint_every_n_steps=2", f"hydra.run.dir={run}"], tmp_path,
                         "epoch 3 (high) step 3/", wait_for=run / "checkpoints" / "last.pt")
     assert rc == -signal.SIGKILL, out

@@ -1,5 +1,5 @@
 """task=predict: which files `inputs=` names, how an image is read (as training reads it), predictions.csv,
-bad input as one line (in-process), and through the real CLI on a smoke-trained run: the same classes per
+bad input as one line, and through cli.main on a smoke-trained run: the same classes per
 image as the evaluation code gives on the val split."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cbam_train.imagefolder import ImageFiles, decode_image
 from cbam_train.loaders import build_eval_loader
 from cbam_train.models import build_model
 from cbam_train.predict import PredictError, find_inputs, predictions_csv
-from conftest import SMOKE_RUN, compose_config, run_cli
+from conftest import NARROW, SMOKE_RUN, call_cli, compose_config
 from test_bad_input import hostile_file
 
 TINY = SMOKE_RUN  # the trained run's own settings (conftest.trained)
@@ -110,29 +110,23 @@ def test_a_two_class_training_run_is_not_refused_for_the_default_top_k():
 
 # ---------------------------------------------------------------- bad input, in-process through cli.main
 
-def cli_main(argv: list, tmp_path: Path, monkeypatch, capsys) -> tuple:
-    """(exit code, stderr lines, run dir) of `cbam-train ARGV` run in this process."""
-    from cbam_train import cli
-
+def cli_main(argv: list, tmp_path: Path) -> tuple:
+    """(exit code, stderr lines, run dir) of `cbam-train ARGV log.mode=plain` run in this process, in tmp_path."""
     run_dir = tmp_path / "run"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["cbam-train", *argv, "log.mode=plain",
-                                     *([] if any(a.startswith("hydra.run.dir=") for a in argv)
-                                       else [f"hydra.run.dir={run_dir}"])])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return e.value.code, [ln for ln in err.splitlines() if ln.strip()], run_dir
+    own_dir = any(a.startswith("hydra.run.dir=") for a in argv)
+    proc = call_cli([*argv, "log.mode=plain", *([] if own_dir else [f"hydra.run.dir={run_dir}"])], tmp_path)
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], run_dir
 
 
 @pytest.fixture
 def random_model(tmp_path) -> Path:
-    """A random smoke-config model.pt with a summary.json beside it (classes, normalisation), no run dir."""
+    """A random smoke-config model.pt (model.width=8: a run takes it with NARROW) with a summary.json beside it
+    (classes, normalisation), no run dir."""
     torch.manual_seed(0)
     folder = tmp_path / "weights"
     folder.mkdir()
-    torch.save(build_model(compose_config(["experiment=smoke"]).model).state_dict(), folder / "model.pt")
+    torch.save(build_model(compose_config(["experiment=smoke", NARROW]).model).state_dict(), folder / "model.pt")
     (folder / "summary.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(10)],
                                                      "data_mean": [0.5] * 3, "data_std": [0.25] * 3}))
     return folder / "model.pt"
@@ -170,9 +164,9 @@ def _unwritable(tmp, model):
 
 
 @pytest.mark.parametrize("make", [_empty, _glob, _missing_checkpoint, _hostile, _all_unreadable, _unwritable])
-def test_bad_predict_input_is_one_line(make, random_model, tmp_path, monkeypatch, capsys):
+def test_bad_predict_input_is_one_line(make, random_model, tmp_path):
     args, phrase = make(tmp_path, random_model)
-    code, lines, run_dir = cli_main(["task=predict", *args], tmp_path, monkeypatch, capsys)
+    code, lines, run_dir = cli_main(["task=predict", NARROW, *args], tmp_path)
     if make is _all_unreadable:  # the run happened: a row per file, then the error
         assert lines[0].startswith("warning: 1 of 1 file(s) could not be read")
         assert (run_dir / "predictions.csv").read_text().count("\n") == 2
@@ -200,7 +194,7 @@ def test_predicting_the_val_images_gives_evaluations_classes(trained, tmp_path):
     images, labels = splits.val.materialize()
     for i, (img, y) in enumerate(zip(images, labels)):
         save_png(tmp_path / "val" / summary["classes"][y] / f"{i:03d}.png", img.permute(1, 2, 0).numpy())
-    proc = run_cli(["task=predict", f"checkpoint={trained / 'model.pt'}", f"inputs={tmp_path / 'val'}",
+    proc = call_cli(["task=predict", f"checkpoint={trained / 'model.pt'}", f"inputs={tmp_path / 'val'}",
                     "predict.batch_size=5", "log.mode=plain", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = read_csv(tmp_path / "out" / "predictions.csv")
@@ -232,7 +226,7 @@ def test_an_unreadable_file_gets_its_row_and_the_rest_are_predicted(trained, tmp
     for i in range(3):
         save_png(tmp_path / "imgs" / f"img{i}.png", noise(24, 17, seed=i))  # not 8x8: resized and cropped
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    proc = run_cli(["task=predict", f"checkpoint={trained / 'checkpoints' / 'last.pt'}", f"inputs={tmp_path / 'imgs'}",
+    proc = call_cli(["task=predict", f"checkpoint={trained / 'checkpoints' / 'last.pt'}", f"inputs={tmp_path / 'imgs'}",
                     "predict.top_k=2", "log.mode=plain", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = read_csv(tmp_path / "out" / "predictions.csv")

@@ -9,11 +9,11 @@ import torch
 
 from cbam_train.models import build_model
 from cbam_train.train import run
-from conftest import compose_config
+from conftest import NARROW, PICTURES_OFF, compose_config
 
 POST_MEAN, POST_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]  # the post's transforms.Normalize
-SMALL = ["data=synthetic", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
-         "data.batch_size=16", "data.num_classes=10", "device=cpu", "log.mode=quiet"]
+SMALL = ["data=synthetic", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+         "data.batch_size=16", "data.num_classes=10", "device=cpu", "log.mode=quiet", *PICTURES_OFF]
 
 
 def test_seed_preset_is_the_recipe_as_published():
@@ -106,9 +106,9 @@ def test_other_cifar10_configs_keep_the_measured_std(overrides):
                   "schedule.stages.full.until_plateau.patience=1", "data.batch_size=16"]),
 ])
 @pytest.mark.slow
-def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
+def test_every_preset_runs_at_smoke_size(tmp_path, narrow_tv_state, preset, extra):
     weights = tmp_path / "tv.pth"
-    torch.save(tv_state, weights)  # experiment=seed asks for ImageNet weights: a local file stands in
+    torch.save(narrow_tv_state, weights)  # experiment=seed asks for ImageNet weights: a local file stands in
     s = run(compose_config([f"experiment={preset}", *SMALL, f"model.weights={weights}", *extra]), tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert s["epochs_run"] == len(rows) >= 2 and all(r["train_loss"] == r["train_loss"] for r in rows)
@@ -122,7 +122,7 @@ def test_every_preset_runs_at_smoke_size(tmp_path, tv_state, preset, extra):
     if preset == "seed_code":  # every parameter trains from epoch 1; the lr drops after step_size epochs
         assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-4])
         assert s["stages"][0]["trainable_params"] == sum(p.numel() for p in build_model(
-            compose_config(["experiment=seed_code", *SMALL]).model).parameters())
+            compose_config(["experiment=seed_code", *SMALL, "model.pretrained=false"]).model).parameters())
 
 
 @pytest.mark.slow

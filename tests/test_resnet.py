@@ -48,6 +48,26 @@ def test_imagenet_stem_shapes_match_torchvision_except_fc(placement, tv_state):
     assert state["fc.weight"].shape == (10, 512)
 
 
+@pytest.mark.parametrize("placement", ["stage", "block"])
+def test_a_narrower_model_has_every_key_at_its_channels(placement):
+    """model.width: the same state-dict keys in the same order as ResNet18's, every stage's channels scaled, fc
+    reading 8 x width features; it trains on the same inputs to the same output shape."""
+    wide, narrow = (ResNetCBAM(num_classes=10, placement=placement, width=w).state_dict() for w in (64, 8))
+    assert list(narrow) == list(wide)
+    assert narrow["conv1.weight"].shape == (8, 3, 3, 3) and narrow["layer4.1.bn2.weight"].shape == (64,)
+    assert narrow["fc.weight"].shape == (10, 64)
+    cbam = "cbam.layer4" if placement == "stage" else "layer4.1.cbam"
+    assert narrow[f"{cbam}.channel.mlp.0.weight"].shape == (4, 64, 1, 1)  # 64 // reduction 16
+    assert narrow["layer1.0.cbam.channel.mlp.0.weight" if placement == "block" else "cbam.layer1.channel.mlp.0.weight"
+                  ].shape == (1, 8, 1, 1)  # at least one hidden unit
+    ratio = sum(v.numel() for v in wide.values()) / sum(v.numel() for v in narrow.values())
+    assert 60 < ratio < 64  # convolutions scale with width squared; BatchNorm, fc's bias and CBAM's 7x7 less
+    model = ResNetCBAM(num_classes=10, placement=placement, width=8)
+    loss = model(torch.randn(2, 3, 16, 16)).logsumexp(1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_cifar_stem_differs_from_torchvision_in_conv1_and_fc(tv_state):
     state = backbone(ResNetCBAM(num_classes=10, stem="cifar").state_dict())
     differ = sorted(k for k in tv_state if state[k].shape != tv_state[k].shape)

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from conftest import child_env
+from conftest import NARROW, PICTURES_OFF, call_cli, child_env
 
 # 12 batches per epoch, 2 epochs per stage: kills can land inside a stage, at its boundary and mid-epoch
-BASE = ["experiment=smoke", "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
+BASE = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
         "data.batch_size=16", "log.mode=plain", "log.every_n_steps=1", "schedule.stages.head.epochs=2",
         "schedule.stages.high.epochs=2", "schedule.stages.full.epochs=2"]
 TIME_FIELDS = ("epoch_time_s", "train_images_per_s")
@@ -73,10 +73,11 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run every resumed one is compared with."""
+    """The uninterrupted run every resumed one is compared with (in this process: the kills and resumes that
+    are compared with it are real processes)."""
     tmp = tmp_path_factory.mktemp("ref")
-    rc, out = run_until(BASE + [f"hydra.run.dir={tmp / 'run'}"], tmp)
-    assert rc == 0, out
+    proc = call_cli(BASE + [f"hydra.run.dir={tmp / 'run'}"], tmp)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(rows(tmp / "run")) == 6
     return tmp / "run"
 
@@ -161,14 +162,14 @@ def test_resume_from_an_earlier_checkpoint_branches_into_a_new_dir(reference, tm
     original; the original's files are untouched."""
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.is_file()}
     branch = tmp_path / "branch"
-    rc, out = run_until([f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", f"hydra.run.dir={branch}"],
-                        tmp_path)
-    assert rc == 0, out
+    proc = call_cli([f"resume={reference / 'checkpoints' / 'stage1-head.pt'}", f"hydra.run.dir={branch}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_same_run(reference, branch)
     assert before == {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.is_file()}
 
 
 @pytest.mark.parametrize("override, key", [("model.cbam.reduction=8", "model.cbam.reduction: 16 -> 8"),
+                                           ("model.width=16", "model.width: 8 -> 16"),
                                            ("data.train_size=96", "data.train_size: 224 -> 96"),
                                            ("seed=3", "seed: 0 -> 3")])
 @pytest.mark.slow
@@ -190,8 +191,8 @@ def test_resume_of_an_earlier_checkpoint_into_its_own_dir_is_refused(reference, 
 
 # --- in-process: the torchvision loader, non-finite losses, a full disk ------------------------------------
 
-TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
-        "data.batch_size=16", "log.mode=quiet"]
+TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+        "data.batch_size=16", "log.mode=quiet", *PICTURES_OFF]
 
 
 @pytest.mark.slow
@@ -326,6 +327,11 @@ def test_config_changes_sort_refused_harmless_and_other_keys():
     assert check_resume_config(old, other, "x") == ["optim.weight_decay: 0.0 -> 0.0005"]
     with pytest.raises(ConfigError, match=r"data.limit: None -> 100"):
         check_resume_config(old, {**old, "data": {"limit": 100, "num_workers": 4}}, "x")
+    # a checkpoint from before model.width existed ran at its default, 64: the same width resumes, another is refused
+    now = {**old, "model": {"cbam": {"reduction": 16}, "width": 64}}
+    assert config_changes(old, now) == ([], [])
+    with pytest.raises(ConfigError, match=r"model.width: 64 -> 16"):
+        check_resume_config(old, {**now, "model": {"cbam": {"reduction": 16}, "width": 16}}, "x")
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from cbam_train.sweep import collect, ranked, swept, write_status, write_summary
-from conftest import compose_config, run_cli
+from conftest import NARROW, PICTURES_OFF, call_cli, compose_config
 
-TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
-        "data.batch_size=16", "log.mode=quiet"]
+TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+        "data.batch_size=16", "log.mode=quiet", *PICTURES_OFF]
 
 
 def fake_job(sweep, job, overrides, status, best=None, error=None):
@@ -43,7 +43,7 @@ def test_summary_rows_ranking_and_swept_labels(tmp_path):
 @pytest.mark.slow
 def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY, "stage=head", "lr=3e-3,-1,1e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = call_cli(["-m", *TINY, "stage=head", "lr=3e-3,-1,1e-3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr  # the sweep finished but a job failed
     assert "Traceback" not in proc.stdout + proc.stderr
     rows = json.loads((sweep / "sweep_summary.json").read_text())
@@ -65,7 +65,7 @@ def test_multirun_records_a_failed_job_and_goes_on(tmp_path):
 @pytest.mark.slow
 def test_fail_fast_stops_the_sweep_at_the_failed_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY, "stage=head", "lr=-1,3e-3", "sweep.fail_fast=true", f"hydra.sweep.dir={sweep}"],
+    proc = call_cli(["-m", *TINY, "stage=head", "lr=-1,3e-3", "sweep.fail_fast=true", f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path)
     assert proc.returncode == 2
     assert json.loads((sweep / "0" / "status.json").read_text())["status"] == "failed"

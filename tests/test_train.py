@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-import torchvision
 
 from cbam_train.checkpoint import WeightsError
 from cbam_train.engine import TrainingError
 from cbam_train.train import run
-from conftest import compose_config
+from conftest import NARROW, PICTURES_OFF, compose_config
 
-TINY = ["experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32",
-        "data.test_size=32", "data.batch_size=16", "log.mode=plain"]
+TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32",
+        "data.test_size=32", "data.batch_size=16", "log.mode=plain", *PICTURES_OFF]
 
 
 def rows(run_dir):
@@ -54,9 +53,9 @@ def test_frozen_modules_do_not_change_during_a_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys):
+def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys, narrow_tv_state):
     weights = tmp_path / "tv.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    torch.save(narrow_tv_state, weights)  # torchvision's layout (7x7 conv1, 1000-way fc, no CBAM), 8 wide as TINY
     cfg = compose_config(TINY + [f"model.weights={weights}", "schedule.stages.head.trainable=[fc,cbam]"])
     run(cfg, tmp_path / "run")
     out, err = capsys.readouterr()
@@ -70,9 +69,9 @@ def test_pretrained_weights_file_reports_new_modules_and_warns(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_no_warning_when_the_first_stage_trains_the_new_modules(tmp_path, capsys):
+def test_no_warning_when_the_first_stage_trains_the_new_modules(tmp_path, capsys, narrow_tv_state):
     weights = tmp_path / "tv.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    torch.save(narrow_tv_state, weights)
     run(compose_config(TINY + [f"model.weights={weights}", "schedule.stages.head.trainable=[conv1,bn1,fc,cbam]"]),
         tmp_path / "run")
     assert "warning:" not in capsys.readouterr().err
@@ -141,7 +140,7 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     from cbam_train.engine import EpochSetup, train_one_epoch
 
     torch.manual_seed(0)
-    model = ResNetCBAM()
+    model = ResNetCBAM(width=8)  # what is compiled and recompiled does not depend on the width
     batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
     cfg = DeviceConfig(compile=True, compile_backend="aot_eager")
     quiet = lambda *a, **k: None  # noqa: E731

@@ -1,6 +1,7 @@
 """validate() and the data checks through cli.main() in-process (~0.1 s a case instead of ~3 s for a
 subprocess): each value that once passed validation or crashed later gets exit 2, one 'error:' line, no
-traceback, and nothing written. The subprocess cases are in test_bad_input.py."""
+traceback, and nothing written. The file and data cases are in test_bad_input.py; test_cli.py checks the contract
+in a real process."""
 
 from __future__ import annotations
 
