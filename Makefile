@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 train: $(BIN)/.installed  ## the full seed recipe on CIFAR-10 (downloads it and the ImageNet weights)
 	$(BIN)/cbam-train $(ARGS)
 
-smoke: $(BIN)/.installed  ## ~20 s CPU run on generated data, no downloads
+smoke: $(BIN)/.installed  ## ~13 s CPU run on generated data (model.width=16), no downloads
 	$(BIN)/cbam-train experiment=smoke $(ARGS)
 
 test: $(BIN)/.installed  ## the whole test suite (CPU, no network): what CI runs
