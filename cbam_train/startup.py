@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cbam_train import distributed
-from cbam_train.checkpoint import load_initial_weights, load_state_dict_file, load_strict
+from cbam_train.checkpoint import WeightsError, load_initial_weights, load_state_dict_file, load_strict
 from cbam_train.config import Config, UserError
 from cbam_train.data import build_splits
 from cbam_train.device import available_cpus, resolve_device, seed_everything
@@ -91,6 +91,8 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
 
 def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> None:
     """model.weights / model.pretrained, then init_from; report new modules and warn once about frozen ones."""
+    if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():  # also when init_from wins
+        raise WeightsError(f"model.weights: file not found: {cfg.model.weights}")
     if cfg.init_from:  # every tensor comes from init_from: the ImageNet / model.weights file is not needed
         load_strict(model, load_state_dict_file(cfg.init_from, "init_from"), f"init_from={cfg.init_from}")
         rep.print(f"weights: all tensors from init_from={cfg.init_from}")

@@ -1,6 +1,13 @@
 """validate(): every check the schema's types cannot express, run once at start-up before anything is read
 or written. Each refusal is one ConfigError naming the key, what it got and what is allowed.
 
+Every key is checked whether or not its feature is on (a cutout size while cutout is off, a plateau metric while
+the stage's plateau is off, SGD's Nesterov setting under Adam, a class count only synthetic data reads): a bad
+value must not wait for the day someone switches the feature on, in a long run's later stage or a sweep.
+Conditional are only the checks of a key against another key's value where the first is used: a cutout size
+or crop padding against data.image_size (cutout's default 12 must not refuse 8-pixel images while cutout is
+off), predict.top_k's upper bound (task=predict), the number of attention rows (task=explain or the report).
+
 Checks that need the data (val_size against the images on disk, batch size against the training split, the
 class count of an image folder) run where the data is first read (data.build_splits, loaders.build_loaders),
 still before the first step."""
@@ -124,7 +131,7 @@ def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
     _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
     for key in ("batch_size", "eval_batch_size", "image_size", "train_size", "test_size"):
         _positive(f"data.{key}", getattr(d, key))
-    if d.name == "synthetic" and d.num_classes < 2:
+    if d.num_classes < 2:  # read by data=synthetic only, checked for any data
         raise ConfigError(f"data.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
                           f"{d.num_classes}")
     least = MIN_IMAGE_SIZE[m.stem]
@@ -156,7 +163,7 @@ def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
 def _check_augment(a: AugmentConfig, image_size: int) -> None:
     """augment.*: pads, probabilities, strengths, the policy's name, erasing and mixing."""
     _positive("augment.crop.padding", a.crop.padding, strict=False)
-    if a.crop.enabled and a.crop.padding >= image_size:
+    if a.crop.enabled and a.crop.padding >= image_size:  # against another key: only when used (see the top)
         raise ConfigError(f"augment.crop.padding must be < data.image_size ({image_size}): a larger pad gives "
                           f"crops of padding only, got {a.crop.padding}")
     _in_range("augment.flip.p", a.flip.p, 0.0, 1.0)
@@ -178,7 +185,8 @@ def _check_erase(a: AugmentConfig, image_size: int) -> None:
     _in_range("augment.erase.p", a.erase.p, 0.0, 1.0)
     _pair("augment.erase.scale", a.erase.scale, 0.0, 1.0)
     _pair("augment.erase.ratio", a.erase.ratio, 0.0, math.inf)
-    if a.cutout.enabled and not 1 <= a.cutout.size <= image_size:
+    _positive("augment.cutout.size", a.cutout.size)
+    if a.cutout.enabled and a.cutout.size > image_size:  # against another key: only when used (see the top)
         raise ConfigError(f"augment.cutout.size must be in [1, data.image_size ({image_size})], got {a.cutout.size}")
     _in_range("augment.cutout.p", a.cutout.p, 0.0, 1.0)
     for key in ("mixup_alpha", "cutmix_alpha"):
@@ -211,11 +219,12 @@ def _check_schedule(cfg: Config) -> None:
             _positive(f"{key}.lr_mult.{module}", mult)
         if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
             raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {stage.layer_decay}")
-        if stage.until_plateau is not None and stage.until_plateau.patience is not None:
-            if stage.until_plateau.patience < 1:
-                raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {stage.until_plateau.patience}")
-            _positive(f"{key}.until_plateau.min_delta", stage.until_plateau.min_delta, strict=False)
-            _choice(f"{key}.until_plateau.metric", stage.until_plateau.metric, ("val_acc", "val_loss"))
+        plateau = stage.until_plateau
+        if plateau is not None:  # min_delta and metric also while patience is null (the plateau off)
+            if plateau.patience is not None and plateau.patience < 1:
+                raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {plateau.patience}")
+            _positive(f"{key}.until_plateau.min_delta", plateau.min_delta, strict=False)
+            _choice(f"{key}.until_plateau.metric", plateau.metric, ("val_acc", "val_loss"))
 
 
 def _check_optim(cfg: Config) -> None:
@@ -226,7 +235,7 @@ def _check_optim(cfg: Config) -> None:
         raise ConfigError(f"optim.betas needs 2 values in [0, 1), got {list(o.betas)}")
     _positive("optim.eps", o.eps)
     _in_range("optim.momentum", o.momentum, 0.0, 1.0, open_high=True)
-    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
+    if o.nesterov and o.momentum <= 0:  # under Adam too: it waits for optim=sgd
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
 
 

@@ -118,6 +118,36 @@ def config_case(override: str, *phrases: str) -> Maker:
     return lambda tmp, trained: Case(argv(None, override), phrases)
 
 
+def overrides_case(changes: Optional[dict], *phrases: str, flags: tuple = ()) -> Maker:
+    """Overrides (BASE with `changes`) after command-line flags, where argparse takes them."""
+    return lambda tmp, trained: Case([*flags, *argv(changes)], phrases)
+
+
+# -- keys of a feature that is off: checked all the same (issue 27, class 1)
+
+def num_classes_for_other_data(tmp, trained):  # data.num_classes is read by data=synthetic only
+    return Case(argv({"data": "imagefolder", "data.root": tmp / "imgs", "data.num_classes": 1}),
+                ("data.num_classes must be >= 2",))
+
+
+def unused_weights_file_missing(tmp, trained):  # init_from supplies every tensor, model.weights is not read
+    return Case(argv(None, f"model.weights={tmp / 'gone.pt'}", f"init_from={trained() / 'model.pt'}"),
+                ("model.weights: file not found", str(tmp / "gone.pt")), watch=(trained() / "model.pt",))
+
+
+# -- values Hydra's override grammar refuses unquoted: the hint quotes the user's own value (class 2)
+
+def path_outside_ascii(tmp, trained):
+    path = tmp / "Bilder-Übersicht"
+    return Case(argv({"data": "imagefolder", "data.root": path}),
+                ("LexerNoViableAltException", "must be quoted", f"""'data.root="{path}"'"""))
+
+
+def path_with_a_bracket(tmp, trained):
+    path = tmp / "runs(old)"
+    return Case(argv({"data": "imagefolder", "data.root": path}), ("must be quoted", f"""'data.root="{path}"'"""))
+
+
 def missing_data_root(tmp, trained):
     return Case(folder_args(tmp / "absent"), (str(tmp / "absent"), "not found"))
 
@@ -329,6 +359,35 @@ CASES = [
                              "model.pretrained=false"), id="pretrained_narrow"),
     pytest.param(weights_of_another_width, id="model_weights_other_width"),
     pytest.param(missing_data_root, id="data_root_missing"),
+    # a key whose feature is off (class 1 of issue 27)
+    pytest.param(config_case("augment.cutout.size=0", "augment.cutout.size must be > 0, got 0"),
+                 id="cutout_size_while_cutout_off"),
+    pytest.param(overrides_case({"augment.crop.enabled": "false", "augment.crop.padding": -1},
+                                "augment.crop.padding must be >= 0, got -1"), id="crop_padding_while_crop_off"),
+    pytest.param(config_case("schedule.stages.full.until_plateau.metric=train_loss",
+                             "schedule.stages.full.until_plateau.metric: unknown value 'train_loss'"),
+                 id="plateau_metric_while_plateau_off"),
+    pytest.param(config_case("schedule.stages.high.until_plateau.min_delta=-1",
+                             "schedule.stages.high.until_plateau.min_delta must be >= 0"),
+                 id="plateau_min_delta_while_plateau_off"),
+    pytest.param(overrides_case({"optim.nesterov": "true", "optim.momentum": 0}, "optim.nesterov=true needs "
+                                "optim.momentum > 0"), id="sgd_nesterov_under_adam"),
+    pytest.param(num_classes_for_other_data, id="synthetic_num_classes_for_an_image_folder"),
+    pytest.param(unused_weights_file_missing, id="model_weights_missing_under_init_from"),
+    # values the override grammar refuses unquoted (class 2)
+    pytest.param(path_outside_ascii, id="path_outside_ascii_unquoted"),
+    pytest.param(path_with_a_bracket, id="path_with_a_bracket_unquoted"),
+    pytest.param(config_case("lr=1e-3)", "must be quoted", """'lr="1e-3)"'"""), id="value_with_a_stray_bracket"),
+    # Hydra's and argparse's usage errors (class 3)
+    pytest.param(overrides_case(None, "Only one of --run, --multirun, --cfg", flags=("-m", "--cfg", "job")),
+                 id="multirun_with_cfg"),
+    pytest.param(overrides_case(None, "--resolve flag can only be used", flags=("--resolve",)), id="resolve_alone"),
+    pytest.param(overrides_case(None, "Expecting one subcommand", flags=("--shell-completion",)),
+                 id="shell_completion_alone"),
+    pytest.param(overrides_case(None, "unrecognized arguments: --foo", "cbam-train --help", flags=("--foo",)),
+                 id="unknown_flag"),
+    pytest.param(overrides_case(None, "invalid choice: 'nonsense'", flags=("--info", "nonsense")),
+                 id="info_bad_choice"),
     pytest.param(empty_dataset, id="imagefolder_no_class_folders"),
     pytest.param(class_folder_without_images, id="imagefolder_class_without_images"),
     pytest.param(corrupt_image, id="imagefolder_corrupt_image"),

@@ -110,14 +110,16 @@ def test_lr_override_scales_every_stage(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, expect", [("data.nosuch=1", "data.nosuch"), ("lr=0", "lr must be > 0")],
-                         ids=["hydra_composition", "validation"])
-def test_a_real_process_exits_2_with_one_line(tmp_path, override, expect):
+@pytest.mark.parametrize("args, expect", [(["data.nosuch=1"], "data.nosuch"), (["lr=0"], "lr must be > 0"),
+                                          (["-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg")],
+                         ids=["hydra_composition", "validation", "hydra_usage"])
+def test_a_real_process_exits_2_with_one_line(tmp_path, args, expect):
     """The entry point's contract in a real interpreter (the in-process tests below and test_bad_input.py call
-    cli.main() directly): Hydra's own composition error and one of ours, each one line and exit status 2."""
+    cli.main() directly): Hydra's own composition error, one of ours and a usage error Hydra raises itself,
+    each one line and exit status 2."""
     from conftest import run_cli
 
-    proc = run_cli(["experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    proc = run_cli([*args, "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2
     assert expect in one_error_line(proc)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
