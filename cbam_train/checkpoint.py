@@ -143,9 +143,7 @@ def _summarise(keys: list, n: int = 4) -> str:
 
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
     """Load every key or fail naming the missing, unexpected and mis-shaped keys (for init_from)."""
-    other_width = width_mismatch(model, state)
-    if other_width:  # every conv and BatchNorm would be listed: say the one setting that differs
-        raise WeightsError(f"{source} does not fit this model: {other_width}")
+    refuse_other_width(model, state, source)  # else every conv and BatchNorm would be listed below
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -186,22 +184,20 @@ def width_of(state: dict) -> Optional[int]:
     return int(bn1.shape[0]) if isinstance(bn1, torch.Tensor) and bn1.dim() == 1 else None
 
 
-def width_mismatch(model: nn.Module, state: dict) -> str:
-    """'the file holds a model.width=W network, ...: set model.width=W' when the widths differ, else ''."""
+def refuse_other_width(model: nn.Module, state: dict, source: str) -> None:
+    """Raise WeightsError naming both widths and the fix when `state` was saved at another model.width."""
     file_width, own_width = width_of(state), width_of(model.state_dict())
-    if file_width is None or own_width is None or file_width == own_width:
-        return ""
-    return (f"the file holds a model.width={file_width} network, this model has model.width={own_width}: "
-            f"set model.width={file_width}")
+    if file_width is not None and own_width is not None and file_width != own_width:
+        raise WeightsError(f"{source} does not fit this model: the file holds a model.width={file_width} network, "
+                           f"this model has model.width={own_width}: set model.width={file_width}")
 
 
 def load_initial_weights(model: nn.Module, weights: Optional[str], pretrained: bool) -> Optional[LoadReport]:
     """Apply `model.weights` (a file) or `model.pretrained` (ImageNet); None when neither is asked for."""
     if weights:
         state = load_state_dict_file(weights, "model.weights")
-        other_width = width_mismatch(model, state)
-        if other_width:  # ImageNet's and the post's files are 64 wide; another width would take only shape-free keys
-            raise WeightsError(f"model.weights: {weights} does not fit this model: {other_width}")
+        # ImageNet's and the post's files are 64 wide; a model of another width would take only shape-free keys
+        refuse_other_width(model, state, f"model.weights: {weights}")
         report = load_matching(model, state)
         if not report.loaded:
             raise WeightsError(f"model.weights: no tensor in {weights} matches this model by name and shape "

@@ -39,8 +39,8 @@ class ModelConfig:
     pretrained: bool = True  # torchvision ResNet18_Weights.IMAGENET1K_V1 via TORCH_HOME
     weights: Optional[str] = None  # a state-dict file; overrides `pretrained`
     stem: str = "cifar"  # cifar: 3x3 stride-1 conv1, no max-pool; imagenet: torchvision's 7x7/2 + pool
-    width: int = RESNET18_WIDTH  # channels of conv1 and layer1, doubled per stage: 64 is ResNet18 (pretrained files exist only
-    # at 64); 16 or 8 is a quick CPU model with every module and key name of the real one (~1/16, ~1/64 the weights)
+    width: int = RESNET18_WIDTH  # channels of conv1 and layer1, doubled per stage: 64 is ResNet18 (pretrained
+    # files exist only at 64); 16 or 8 is a quick CPU model with every module and key name (~1/16, ~1/64 the weights)
     cbam: CBAMConfig = field(default_factory=CBAMConfig)
 
 

@@ -189,6 +189,16 @@ def call_cli(args: list, cwd: Path, env: dict | None = None) -> subprocess.Compl
     return subprocess.CompletedProcess(["cbam-train", *args], code, out.getvalue(), err.getvalue())
 
 
+def cli_lines(args: list, tmp_path: Path) -> tuple:
+    """(exit code, non-empty stderr lines, run dir) of call_cli(ARGS) in tmp_path, whose run dir is tmp_path/run
+    unless ARGS name one; a traceback fails the test."""
+    run_dir = tmp_path / "run"
+    own_dir = any(a.startswith("hydra.run.dir=") for a in args)
+    proc = call_cli([*args, *([] if own_dir else [f"hydra.run.dir={run_dir}"])], tmp_path)
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], run_dir
+
+
 @pytest.fixture
 def cli(tmp_path):
     """Call the CLI in this process (call_cli) with cwd=tmp_path; every call gets hydra.run.dir under tmp_path

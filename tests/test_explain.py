@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import call_cli
-from test_bad_input import hostile_file
+from bad_input import hostile_file
 
 pytestmark = pytest.mark.slow  # task=explain through cli.main, on the session's trained run
 

@@ -5,7 +5,6 @@ and through cli.main on a smoke-trained checkpoint, model.onnx / model.ts load w
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def test_without_onnx_packages_the_line_says_what_to_install(random_model, tmp_p
 
 
 def test_export_of_a_hostile_pickle_runs_nothing(tmp_path, monkeypatch, capsys):
-    from test_bad_input import hostile_file
+    from bad_input import hostile_file
 
     path = hostile_file(tmp_path / "evil.pt", tmp_path / "pwned.txt", tmp_path / "proof.txt")
     code, lines, _ = cli_main(["task=export", f"checkpoint={path}"], tmp_path)

@@ -15,7 +15,7 @@ from cbam_train.config import ConfigError, LoggerConfig
 from cbam_train.resume import flatten
 from cbam_train.tracking import DB_NAME, JobInfo, MlflowTracker, numeric_columns, store_uri
 from cbam_train.validation import validate
-from conftest import SMOKE_RUN, call_cli, compose_config, run_cli
+from conftest import SMOKE_RUN, call_cli, cli_lines, compose_config, run_cli
 
 # The sweep's jobs draw no attention pictures: at 6 stage ends they cost 71 -> 113 s of CPU here (2026-12-02);
 # test_attention_pictures_are_logged_when_present checks that attention/ and attention*.png are logged.
@@ -57,12 +57,8 @@ def test_empty_experiment_name_is_refused():
 # ---------------------------------------------------------------- bad input, in-process through cli.main
 
 def cli_main(argv: list, tmp_path: Path) -> tuple:
-    """(exit code, stderr lines, run dir) of `cbam-train experiment=smoke logger=mlflow ARGV` run in this process."""
-    run_dir = tmp_path / "run"
-    proc = call_cli(["experiment=smoke", "log.mode=plain", "logger=mlflow", *argv, f"hydra.run.dir={run_dir}"],
-                    tmp_path)
-    assert "Traceback" not in proc.stderr
-    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], run_dir
+    """conftest.cli_lines of `cbam-train experiment=smoke logger=mlflow ARGV`: (exit code, stderr lines, run dir)."""
+    return cli_lines(["experiment=smoke", "log.mode=plain", "logger=mlflow", *argv], tmp_path)
 
 
 def assert_nothing_written(run_dir: Path, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from cbam_train.imagefolder import ImageFiles, decode_image
 from cbam_train.loaders import build_eval_loader
 from cbam_train.models import build_model
 from cbam_train.predict import PredictError, find_inputs, predictions_csv
-from conftest import NARROW, SMOKE_RUN, call_cli, compose_config
-from test_bad_input import hostile_file
+from conftest import NARROW, SMOKE_RUN, call_cli, cli_lines, compose_config
+from bad_input import hostile_file
 
 TINY = SMOKE_RUN  # the trained run's own settings (conftest.trained)
 
@@ -111,12 +111,8 @@ def test_a_two_class_training_run_is_not_refused_for_the_default_top_k():
 # ---------------------------------------------------------------- bad input, in-process through cli.main
 
 def cli_main(argv: list, tmp_path: Path) -> tuple:
-    """(exit code, stderr lines, run dir) of `cbam-train ARGV log.mode=plain` run in this process, in tmp_path."""
-    run_dir = tmp_path / "run"
-    own_dir = any(a.startswith("hydra.run.dir=") for a in argv)
-    proc = call_cli([*argv, "log.mode=plain", *([] if own_dir else [f"hydra.run.dir={run_dir}"])], tmp_path)
-    assert "Traceback" not in proc.stderr
-    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], run_dir
+    """conftest.cli_lines of `cbam-train ARGV log.mode=plain`: (exit code, stderr lines, run dir)."""
+    return cli_lines([*argv, "log.mode=plain"], tmp_path)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_bad_input import argv, folder_args, snapshot, write_images
+from bad_input import argv, folder_args, snapshot, write_images
 
 START_UP = [
     ("lr=nan", "lr must be a finite number, got nan"),

@@ -27,7 +27,6 @@ def stage_channels(width: int = RESNET18_WIDTH) -> tuple:
     return tuple(width * 2**k for k in range(len(BLOCKS_PER_STAGE)))
 
 
-
 class CBAMBasicBlock(BasicBlock):
     """torchvision's BasicBlock with CBAM applied to the residual branch before the addition."""
 
