@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from cbam_train.checkpoint import BackgroundSaver, atomic_save
 from cbam_train.models import ResNetCBAM
+from cbam_train.state.checkpointer import BackgroundSaver
+from cbam_train.state.weights import atomic_save
 
 
 def checkpoint_like() -> dict:

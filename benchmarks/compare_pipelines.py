@@ -59,7 +59,7 @@ def augment_config(name: str):
     """The preset's AugmentConfig, read from the same YAML files the CLI composes."""
     from omegaconf import OmegaConf
 
-    from cbam_train.config import AugmentConfig
+    from cbam_train.config.schema import AugmentConfig
 
     conf = ROOT / "conf" if (ROOT / "conf").is_dir() else ROOT / "cbam_train" / "conf"  # a checkout, or the wheel
     file, extra = PRESETS[name]
@@ -70,7 +70,8 @@ def augment_config(name: str):
 
 def recipe_loader(root: Path, batch: int, a):
     """torchvision's own per-image pipeline for the ops of AugmentConfig a."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     ops = []
     if a.crop.enabled:
@@ -98,9 +99,9 @@ def recipe_loader(root: Path, batch: int, a):
 
 def tool_loader(root: Path, batch: int, device: torch.device, a):
     """The training loader `cbam-train data=imagefolder augment=...` builds (data.loader=memory)."""
-    from cbam_train.config import DataConfig
-    from cbam_train.data import build_splits
-    from cbam_train.loaders import build_loaders
+    from cbam_train.config.schema import DataConfig
+    from cbam_train.data.datasets import build_splits
+    from cbam_train.data.loaders import build_loaders
 
     cfg = DataConfig(name="imagefolder", root=str(root), val_size=0, batch_size=batch, loader="memory",
                      mean=list(CIFAR_MEAN), std=list(CIFAR_STD))

@@ -21,13 +21,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
-from cbam_train.cli import find_conf_dir, register_configs
-from cbam_train.device import compile_for_stage, resolve_device, setup_device
-from cbam_train.engine import backward_step, forward_loss
+from cbam_train.cli.command import find_conf_dir, register_configs
+from cbam_train.config.validation import validate
 from cbam_train.models import build_model
-from cbam_train.optim import build_optimizer
-from cbam_train.schedule import apply_stage, param_groups, resolve_stages
-from cbam_train.validation import validate
+from cbam_train.training.device import compile_for_stage, resolve_device, setup_device
+from cbam_train.training.engine import backward_step, forward_loss
+from cbam_train.training.optim import build_optimizer
+from cbam_train.training.schedule import apply_stage, param_groups, resolve_stages
 
 
 def main(prefix: Path, overrides: list) -> None:

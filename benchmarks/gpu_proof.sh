@@ -127,7 +127,7 @@ step_install() {
   "$PY" - "$torch_before" <<'EOF' || return 1
 import sys
 import antlr4, hydra, matplotlib, omegaconf, torch, torchvision
-import cbam_train.cli
+import cbam_train.cli.command
 from importlib.metadata import version
 print("installed:", ", ".join(f"{n} {version(n)}" for n in
       ("hydra-core", "omegaconf", "antlr4-python3-runtime", "cbam-train", "matplotlib", "torch", "torchvision")))

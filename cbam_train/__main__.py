@@ -1,4 +1,4 @@
-from cbam_train.cli import main
+from cbam_train.cli.command import main
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
-
 from conftest import PICTURES_OFF, call_cli
+from PIL import Image
 
 # tiny settings: a failing call spends its ~2-4 s on start-up, not on data
 BASE = {"experiment": "smoke", "model.width": 8, "data.image_size": 8, "data.train_size": 64, "data.val_size": 16,

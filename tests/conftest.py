@@ -18,9 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from cbam_train.cli import find_conf_dir, register_configs
-from cbam_train.config import Config
-from cbam_train.validation import validate
+from cbam_train.cli.command import find_conf_dir, register_configs
+from cbam_train.config.schema import Config
+from cbam_train.config.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def call_cli(args: list, cwd: Path, env: dict | None = None) -> subprocess.Compl
     result (returncode, stdout, stderr). ~3 s cheaper per call than a child, which pays for importing torch;
     for every test whose subject is not the process itself. An exception main() does not turn into an exit
     (a bug: a real process would print its traceback) propagates and fails the test."""
-    from cbam_train.cli import main
+    from cbam_train.cli.command import main
 
     code: int = 0
     with _as_a_process(list(args), cwd, env) as (out, err):

@@ -6,7 +6,7 @@ import torch
 
 torch.set_default_dtype(torch.float64)
 
-from cbam_train.cli import main  # noqa: E402  (after the dtype: the CLI builds its tensors with it)
+from cbam_train.cli.command import main  # noqa: E402  after the dtype: the CLI builds its tensors with it
 
 if __name__ == "__main__":
     main()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 from pytorch_grad_cam import GradCAM
+from test_attention import REFERENCE, formula_images, formula_weights
 
 from cbam_train.models.resnet import ResNetCBAM
-from test_attention import REFERENCE, formula_images, formula_weights
 
 if __name__ == "__main__":
     model = formula_weights(ResNetCBAM(num_classes=10, placement="block"))

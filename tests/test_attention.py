@@ -10,10 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_train.attention import (above_mean_mass, cbam_modules, concentration, drift, grad_cam, inspect,
-                                  stratified_pick, summarise)
-from cbam_train.explain import ImageSet, attention_report, draw_report
 from cbam_train.models.resnet import ResNetCBAM
+from cbam_train.reporting.attention import (
+    above_mean_mass,
+    cbam_modules,
+    concentration,
+    drift,
+    grad_cam,
+    inspect,
+    stratified_pick,
+    summarise,
+)
+from cbam_train.tasks.explain import ImageSet, attention_report, draw_report
 
 REFERENCE = Path(__file__).parent / "data" / "gradcam_reference.pt"
 

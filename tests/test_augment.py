@@ -1,11 +1,11 @@
-"""cbam_train.augment: the training recipe (crop, flip, colour jitter, rotation) and evaluation normalisation."""
+"""cbam_train.augment.per_image: the training recipe (crop, flip, colour jitter, rotation) and evaluation normalisation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cbam_train.augment import build_eval_transform, build_train_transform
+from cbam_train.augment.per_image import build_eval_transform, build_train_transform
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

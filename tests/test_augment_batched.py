@@ -1,4 +1,4 @@
-"""cbam_train.augment_batched: each batched op against torchvision's per-image op, sampling, the pipeline."""
+"""cbam_train.augment.batched: each batched op against torchvision's per-image op, sampling, the pipeline."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cbam_train.augment import build_eval_transform
-from cbam_train.augment_batched import (
-    BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, crop,
-    hflip, normalize, rotate,
+from cbam_train.augment.batched import (
+    BatchAugment,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop,
+    hflip,
+    normalize,
+    rotate,
 )
+from cbam_train.augment.per_image import build_eval_transform
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

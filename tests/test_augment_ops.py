@@ -1,4 +1,4 @@
-"""cbam_train.augment_ops: each policy op at fixed magnitudes, erasing and cutout against torchvision's own ops."""
+"""cbam_train.augment.ops: each policy op at fixed magnitudes, erasing and cutout against torchvision's own ops."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cbam_train.augment_batched import BatchAugment
-from cbam_train.augment_ops import OPS, SIGNED, Policy, apply_ops, cutout_boxes, erase, erase_boxes, magnitudes
-from cbam_train.config import AugmentConfig
+from cbam_train.augment.batched import BatchAugment
+from cbam_train.augment.ops import OPS, SIGNED, Policy, apply_ops, cutout_boxes, erase, erase_boxes, magnitudes
+from cbam_train.config.schema import AugmentConfig
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 GEOMETRIC = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -142,8 +142,8 @@ def test_policy_and_erasing_draw_from_the_generator_only():
 def test_cuda_path_does_no_host_sync():
     """The policies, erasing, cutout and mixing on CUDA: after a first call (which copies the policy's tables
     to the device once), a chunk augments and mixes with no host sync."""
-    from cbam_train.config import MixConfig
-    from cbam_train.mixing import BatchMix
+    from cbam_train.augment.mixing import BatchMix
+    from cbam_train.config.schema import MixConfig
 
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 10, (64,), device="cuda")

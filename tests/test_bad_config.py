@@ -6,9 +6,7 @@ What the CLI reads (data, checkpoints, run dirs): test_bad_input.py."""
 from __future__ import annotations
 
 import pytest
-
 from bad_input import Case, argv, check_case, config_case, folder_args, overrides_case, write_images
-
 
 # -- a key of a feature that is off: checked all the same
 

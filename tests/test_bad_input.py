@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from bad_input import (ONE_EPOCH_PER_STAGE, Case, argv, check_case, fake_run_dir, folder_args, hostile_file,
-                       write_images)
+from bad_input import ONE_EPOCH_PER_STAGE, Case, argv, check_case, fake_run_dir, folder_args, hostile_file, write_images
 from conftest import call_cli, write_cifar
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from cbam_train.bench import images_per_s, run_bench
-from cbam_train.config import UserError
 from conftest import compose_config
+
+from cbam_train.config.errors import UserError
+from cbam_train.tasks.bench import images_per_s, run_bench
 
 TINY = ["task=bench", "experiment=smoke", "data.image_size=8", "data.train_size=96", "data.val_size=32",
         "data.test_size=32", "data.batch_size=16", "bench.seconds=0.2", "bench.max_steps=4", "bench.warmup_steps=1",

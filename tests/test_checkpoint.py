@@ -7,12 +7,12 @@ import stat
 import pytest
 import torch
 import torchvision
-
-import cbam_train.checkpoint as ck
-from cbam_train.checkpoint import WeightsError, atomic_save, load_matching, load_state_dict_file, load_strict
-from cbam_train.config import UserError
-from cbam_train.models.resnet import ResNetCBAM
 from conftest import assert_same_state
+
+import cbam_train.state.weights as ck
+from cbam_train.config.errors import UserError, WeightsError
+from cbam_train.models.resnet import ResNetCBAM
+from cbam_train.state.weights import atomic_save, load_matching, load_state_dict_file, load_strict
 
 TV_FILE = "resnet18-f37072fd.pth"
 
@@ -96,7 +96,7 @@ def test_load_accepts_plain_and_checkpoint_dicts(tmp_path, wrap):
 
 
 def test_read_weights_tells_a_cbam_train_checkpoint_apart(tmp_path):
-    from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, read_weights
+    from cbam_train.state.weights import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, read_weights
 
     state = small_state()
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": state, "epoch": 4},
@@ -114,7 +114,7 @@ def test_read_weights_tells_a_cbam_train_checkpoint_apart(tmp_path):
 
 
 def test_checkpoint_of_an_older_format_version_is_refused_in_one_line(tmp_path):
-    from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+    from cbam_train.state.weights import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION - 1, "model": small_state()},
                tmp_path / "old.pt")
@@ -124,8 +124,9 @@ def test_checkpoint_of_an_older_format_version_is_refused_in_one_line(tmp_path):
 
 
 def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monkeypatch):
-    from cbam_train import checkpoint
-    from cbam_train.checkpoint import BackgroundSaver, CheckpointError
+    from cbam_train.config.errors import CheckpointError
+    from cbam_train.state import checkpointer
+    from cbam_train.state.checkpointer import BackgroundSaver
 
     t = torch.zeros(3)
     saver = BackgroundSaver()
@@ -139,7 +140,7 @@ def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monke
     def fail(*a, **k):
         raise CheckpointError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", fail)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", fail)
     saver.save({"w": t}, tmp_path, ["last.pt"], "hint")
     with pytest.raises(CheckpointError, match="disk full"):
         saver.wait()

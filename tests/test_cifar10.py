@@ -8,11 +8,11 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-
-from cbam_train import cifar10 as cifar10_mod
-from cbam_train.cifar10 import load_cifar10
-from cbam_train.data import DataError, build_splits
 from conftest import CIFAR_NAMES, PER_BATCH, _write_pickle, write_cifar
+
+from cbam_train.data.cifar10 import load_cifar10
+from cbam_train.data.datasets import DataError, build_splits
+from cbam_train.data import cifar10 as cifar10_mod
 
 HINTS = ("data.root", "data=imagefolder", "experiment=smoke")
 

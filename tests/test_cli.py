@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
+from conftest import compose_config
 
 from cbam_train.models import build_model
-from conftest import compose_config
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
@@ -102,7 +102,7 @@ def test_stage_two_alone_from_stage_one_weights(smoke_run, cli, tmp_path):
 def test_lr_override_scales_every_stage(cli, tmp_path):
     proc = cli("experiment=smoke", "lr=2e-3", "stage=nope")  # fails after resolving: cheap
     assert "stage=nope" in one_error_line(proc)
-    from cbam_train.schedule import resolve_stages
+    from cbam_train.training.schedule import resolve_stages
 
     cfg = compose_config(["lr=2e-3"])
     assert [s.lr for s in resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)] == pytest.approx(
@@ -127,14 +127,14 @@ def test_a_real_process_exits_2_with_one_line(tmp_path, args, expect):
 
 @pytest.mark.slow
 def test_the_entry_point_imports_neither_torch_nor_torchvision():
-    """A config error answers before torch is imported (~2 s of a CPU process's start-up): cbam_train.cli and
+    """A config error answers before torch is imported (~2 s of a CPU process's start-up): cbam_train.cli.command and
     what it imports at the top leave torch to the task that needs it."""
     import subprocess
     import sys
 
     from conftest import child_env
 
-    code = "import sys, cbam_train.cli; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = "import sys, cbam_train.cli.command; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

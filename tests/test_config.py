@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from cbam_train.config import ConfigError
 from conftest import compose_config
+
+from cbam_train.config.errors import ConfigError
 
 
 @pytest.mark.parametrize("override, message", [
@@ -115,7 +115,7 @@ def test_every_float_key_refuses_nan_and_inf():
     import copy
     import dataclasses
 
-    from cbam_train.validation import _floats, validate
+    from cbam_train.config.validation import _floats, validate
 
     cfg = compose_config(ALL_FLOATS_SET)
     keys = [k for k, _ in _floats(cfg)]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from cbam_train import cli
-from cbam_train.config import ConfigError
-from cbam_train.config_view import UNSET, ConfigView, config_changes, plain_lines
-from cbam_train.report import Reporter
-from conftest import compose_config
+from cbam_train.cli import command
+from cbam_train.config.errors import ConfigError
+from cbam_train.config.view import UNSET, ConfigView, config_changes, plain_lines
+from cbam_train.reporting.reporter import Reporter
 
 
 def test_changes_are_the_leaves_that_differ_with_their_defaults():
@@ -50,7 +50,7 @@ def _restore_hydra_config():
 
 def _hydra_job(overrides: list):
     """What @hydra.main hands run_task: the job config (without hydra) with HydraConfig set."""
-    cli.register_configs()
+    command.register_configs()
     dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(dcfg)
     with open_dict(dcfg):
@@ -63,9 +63,9 @@ def test_view_lists_preset_and_override_changes_against_the_chosen_groups(tmp_pa
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(["experiment=smoke"]))
     overrides = ["experiment=smoke", "data.batch_size=512", f"resume={run}"]
-    with initialize_config_dir(config_dir=str(cli.find_conf_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(command.find_conf_dir()), version_base="1.3"):
         dcfg = _hydra_job(overrides)
-        view = cli.config_view(dcfg, run, overrides, str(run))
+        view = command.config_view(dcfg, run, overrides, str(run))
         assert HydraConfig.get().runtime.choices["experiment"] == "smoke"  # composing the defaults left it alone
     assert view.warning is None
     assert list(view.groups)[:2] == ["model", "data"] and view.groups["data"] == "synthetic"
@@ -84,15 +84,15 @@ def test_a_failed_comparison_keeps_the_overrides_and_warns(tmp_path, monkeypatch
     def broken(choices):
         raise KeyError("boom")
 
-    monkeypatch.setattr(cli, "default_config", broken)
-    with initialize_config_dir(config_dir=str(cli.find_conf_dir()), version_base="1.3"):
-        view = cli.config_view(_hydra_job(["seed=3"]), tmp_path, ["seed=3"], None)
+    monkeypatch.setattr(command, "default_config", broken)
+    with initialize_config_dir(config_dir=str(command.find_conf_dir()), version_base="1.3"):
+        view = command.config_view(_hydra_job(["seed=3"]), tmp_path, ["seed=3"], None)
     assert view.changed is None and view.overrides == ["seed=3"]
     assert view.warning.startswith("log.show_config=compact: could not compare") and "KeyError" in view.warning
 
 
 def test_default_config_composes_outside_a_hydra_app():
-    default = cli.default_config({"data": "synthetic", "experiment": "smoke"})
+    default = command.default_config({"data": "synthetic", "experiment": "smoke"})
     assert default["data"]["train_size"] == 2000 and default["experiment"] is None
 
 

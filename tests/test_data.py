@@ -1,13 +1,12 @@
-"""cbam_train.data: stratified splits, synthetic data, loaders."""
+"""cbam_train.data.datasets: stratified splits, synthetic data, loaders."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 import torch
 
-from cbam_train.data import (
+from cbam_train.data.datasets import (
     DataError,
     ImageDataset,
     build_splits,
@@ -16,7 +15,6 @@ from cbam_train.data import (
     stratified_split,
     stratified_subset,
 )
-
 
 # ---------------------------------------------------------------- stratified_split / stratified_subset
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cbam_train.data import SeededOrder, shard_order
-from cbam_train.distributed import Dist, sync_batchnorm
 from conftest import NARROW, PICTURES_OFF, call_cli, child_env, default_dtype
+
+from cbam_train.data.datasets import SeededOrder, shard_order
+from cbam_train.training.distributed import Dist, sync_batchnorm
 
 BASE = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
         "augment=none", "log.mode=plain", "log.every_n_steps=4"]
@@ -62,7 +62,7 @@ def test_shards_of_each_global_batch_are_the_single_process_batch():
 
 
 def test_sync_bn_needs_cuda():
-    from cbam_train.config import UserError
+    from cbam_train.config.errors import UserError
     from cbam_train.models import ResNetCBAM
 
     with pytest.raises(UserError, match="device.sync_bn=true needs CUDA"):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NARROW, PICTURES_OFF, SMOKE_RUN, call_cli
 from PIL import Image
 
-from cbam_train.data import make_synthetic
-from conftest import NARROW, PICTURES_OFF, SMOKE_RUN, call_cli
+from cbam_train.data.datasets import make_synthetic
 
 pytestmark = pytest.mark.slow  # every test here evaluates through cli.main, on the session's trained run
 

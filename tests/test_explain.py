@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
-
-from conftest import call_cli
 from bad_input import hostile_file
+from conftest import call_cli
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # task=explain through cli.main, on the session's trained run
 

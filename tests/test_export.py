@@ -8,13 +8,19 @@ import json
 
 import pytest
 import torch
-
-from cbam_train.config import ConfigError
-from cbam_train.export import (RELATIVE_TOLERANCE, Normalised, compare, export_onnx, export_torchscript,
-                               exported_runner)
-from cbam_train.models import build_model
 from conftest import NARROW, call_cli, compose_config
 from test_predict import TINY, cli_main, random_model  # noqa: F401 (fixtures)
+
+from cbam_train.config.errors import ConfigError
+from cbam_train.models import build_model
+from cbam_train.tasks.export import (
+    RELATIVE_TOLERANCE,
+    Normalised,
+    compare,
+    export_onnx,
+    export_torchscript,
+    exported_runner,
+)
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -145,8 +151,8 @@ def test_export_through_the_cli_loads_without_cbam_train(trained, fmt, name, tmp
 @pytest.mark.slow
 def test_on_a_trained_model_a_graph_without_its_normalisation_fails_the_check(trained):  # noqa: F811
     """The classic export bug, on real (validation) images of the trained run: far outside the tolerance."""
-    from cbam_train.export import check_images
-    from cbam_train.predict import load_trained
+    from cbam_train.tasks.export import check_images
+    from cbam_train.tasks.predict import load_trained
 
     cfg = compose_config(TINY + [f"checkpoint={trained / 'model.pt'}"])
     loaded = load_trained(cfg)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, child_env
+from PIL import Image
 
 STEPS = ["env", "install", "data", "bench", "profile", "seed", "fast"]
 

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NARROW, PICTURES_OFF, compose_config
 from torch import nn
 
-from cbam_train.config import ConfigError
-from cbam_train.device import Amp
-from cbam_train.engine import (EpochSetup, micro_batch_share, optimizer_step, optimizer_steps_per_epoch,
-                               train_one_epoch)
-from conftest import NARROW, PICTURES_OFF, compose_config
+from cbam_train.config.errors import ConfigError
+from cbam_train.training.device import Amp
+from cbam_train.training.engine import (
+    EpochSetup,
+    micro_batch_share,
+    optimizer_step,
+    optimizer_steps_per_epoch,
+    train_one_epoch,
+)
 
 # 200 images, 32 held out: 168 train. At batch 32, 5 full batches and one of 8; at batch 16, 10 full and one of
 # 8, i.e. 5 groups of 2 and a last group of 1 -- which must average over its 8 images alone, as the 32-run's
@@ -142,8 +147,8 @@ def test_clipping_bounds_every_step_and_a_loose_limit_changes_nothing(tmp_path):
     with limit c the total move over n steps is at most n x lr x c (triangle inequality); a limit no
     gradient reaches multiplies by exactly 1.0, so the run is bit-identical to an unclipped one."""
     from cbam_train.models import build_model
-    from cbam_train.schedule import trainable_parameters
-    from cbam_train.train import run
+    from cbam_train.training.schedule import trainable_parameters
+    from cbam_train.training.train import run
 
     torch.manual_seed(0)
     start = build_model(compose_config(BASE).model).state_dict()

@@ -9,11 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbam_train.data import (
-    DataError,
-    build_splits,
-)
-
+from cbam_train.data.datasets import DataError, build_splits
 
 # ---------------------------------------------------------------- image folders
 

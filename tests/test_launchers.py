@@ -11,9 +11,9 @@ import pickle
 
 import pytest
 import yaml
-
-from cbam_train.launchers import is_main_process, submitit_ranks
 from conftest import NARROW, PICTURES_OFF, call_cli, run_cli
+
+from cbam_train.cli.launchers import is_main_process, submitit_ranks
 
 # one stage of one epoch on 8x8 images: a job is start-up plus ~1 s of training
 TINY = ["experiment=smoke", NARROW, "stage=head", "data.image_size=8", "data.train_size=96", "data.val_size=32",
@@ -49,11 +49,11 @@ def test_the_task_function_pickles_by_reference():
     """Launchers that pickle the task function (submitit, joblib) must not drag state along: it pickles as a
     reference to cbam_train.cli.run_task (a few dozen bytes), not as code with its globals."""
     cloudpickle = pytest.importorskip("cloudpickle", reason="cloudpickle is not installed (submitit brings it)")
-    from cbam_train import cli
+    from cbam_train.cli import command
 
     for dumps in (cloudpickle.dumps, pickle.dumps):
-        data = dumps(cli.run_task)
-        assert len(data) < 200 and pickle.loads(data) is cli.run_task
+        data = dumps(command.run_task)
+        assert len(data) < 200 and pickle.loads(data) is command.run_task
 
 
 def test_submitit_ranks_become_torchrun_variables():

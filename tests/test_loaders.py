@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from cbam_train.augment_batched import normalize
-from cbam_train.data import build_splits
-from cbam_train.loaders import MemoryLoader, build_loaders, choose_loader
 from conftest import compose_config
+
+from cbam_train.augment.batched import normalize
+from cbam_train.data.datasets import build_splits
+from cbam_train.data.loaders import MemoryLoader, build_loaders, choose_loader
 
 SYN = ["data=synthetic", "data.image_size=8", "data.train_size=100", "data.val_size=20", "data.test_size=10"]
 
@@ -108,7 +108,7 @@ def write_folder(root, n_per_class=4, size=8):
 
 
 def test_imagefolder_decode_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
-    import cbam_train.imagefolder as imf
+    import cbam_train.data.imagefolder as imf
 
     write_folder(tmp_path)
     cfg = compose_config(["data=imagefolder", f"data.root={tmp_path}", "data.image_size=8", "data.val_size=0",

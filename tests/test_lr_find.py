@@ -11,12 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import NARROW, assert_same_state, compose_config
 from PIL import Image
 
-from cbam_train import lr_find
-from cbam_train.config import UserError
-from cbam_train.lr_find import local_lines, lr_schedule, override_for, run_lr_find, suggest
-from conftest import NARROW, assert_same_state, compose_config
+from cbam_train.config.errors import UserError
+from cbam_train.tasks import lr_find
+from cbam_train.tasks.lr_find import local_lines, lr_schedule, override_for, run_lr_find, suggest
 
 # 80 training images in batches of 16: 5 batches an epoch, so 10 steps go through the loader twice
 TINY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
@@ -139,14 +139,14 @@ def test_a_diverging_sweep_stops_early_and_records_where(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """`cbam-train task=lr_find` through cli.main, in this process: (run dir, console output, lr_find.json)."""
-    from cbam_train import cli
+    from cbam_train.cli import command
 
     run = tmp_path_factory.mktemp("lr_find") / "run"
     patch, console = pytest.MonkeyPatch(), io.StringIO()
     patch.setattr("sys.argv", ["cbam-train", *TINY, "lr_find.steps=20", f"hydra.run.dir={run}"])
     try:
         with contextlib.redirect_stdout(console):
-            cli.main()
+            command.main()
     finally:
         patch.undo()
     return run, console.getvalue(), json.loads((run / "lr_find.json").read_text())
@@ -200,8 +200,8 @@ class _Started(Exception):
 def test_starts_from_the_weights_training_would_start_the_stage_from(source, tmp_path, monkeypatch):
     """stage=high from a saved state dict: the weights lr_find sweeps from are the weights a training run's
     stage 'high' opens with (train.open_stage), tensor for tensor, BatchNorm statistics included."""
-    from cbam_train import train
     from cbam_train.models import build_model
+    from cbam_train.training import train
 
     torch.manual_seed(123)  # not the run's seed: the file's tensors differ from the run's own random init
     saved = build_model(compose_config(TINY).model).state_dict()
@@ -238,12 +238,12 @@ def test_starts_from_the_weights_training_would_start_the_stage_from(source, tmp
     ("lr_find.max_lr=inf", "lr_find.max_lr must be a finite number, got inf"),
 ])
 def test_bad_keys_are_refused_with_one_line(override, message, tmp_path, monkeypatch, capsys):
-    from cbam_train import cli
+    from cbam_train.cli import command
 
     run = tmp_path / "run"
     monkeypatch.setattr("sys.argv", ["cbam-train", *TINY, override, f"hydra.run.dir={run}"])
     with pytest.raises(SystemExit) as e:
-        cli.main()
+        command.main()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
     assert not run.exists() or not any(run.iterdir())  # refused before anything is written
@@ -252,7 +252,7 @@ def test_bad_keys_are_refused_with_one_line(override, message, tmp_path, monkeyp
 def test_lr_find_keys_change_nothing_a_resume_continues():
     """A checkpoint saved before the lr_find group existed (or with other lr_find.* values) resumes without a
     warning: the sweep's settings change no number of a training run."""
-    from cbam_train.resume import config_changes
+    from cbam_train.state.resume import config_changes
 
     assert config_changes({"lr": 1e-3}, {"lr": 1e-3, "lr_find": {"min_lr": 1e-7, "steps": 100}}) == ([], [])
 
@@ -275,12 +275,13 @@ def train_loss_at(cfg, lr: float, steps: int, run_dir) -> float:
     loop (engine.train_one_epoch): the mean training loss of the last 10 (inf if it stopped on a non-finite one)."""
     import dataclasses
 
-    from cbam_train.device import setup_device
-    from cbam_train.engine import EpochSetup, NonFiniteLoss, train_one_epoch
-    from cbam_train.lr_find import endless
-    from cbam_train.optim import build_optimizer
-    from cbam_train.schedule import apply_stage, param_groups
-    from cbam_train.startup import load_weights, prepare_data, start_run
+    from cbam_train.config.errors import NonFiniteLoss
+    from cbam_train.tasks.lr_find import endless
+    from cbam_train.training.device import setup_device
+    from cbam_train.training.engine import EpochSetup, train_one_epoch
+    from cbam_train.training.optim import build_optimizer
+    from cbam_train.training.schedule import apply_stage, param_groups
+    from cbam_train.training.startup import load_weights, prepare_data, start_run
 
     started = start_run(cfg, run_dir, None, required=("lr_find.json",))
     try:
@@ -326,7 +327,7 @@ def test_the_sweep_accumulates_and_clips_as_training_steps():
     plain SGD moves the weights by at most lr_i x the limit per step, so by sum(lr_i) x limit over the sweep."""
     from torch import nn
 
-    from cbam_train.lr_find import SweepSetup, sweep
+    from cbam_train.tasks.lr_find import SweepSetup, sweep
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from cbam_train.config import ConfigError, SchedConfig, StageConfig
-from cbam_train.models.resnet import ResNetCBAM
-from cbam_train.optim import build_optimizer, stage_lr
-from cbam_train.schedule import (apply_stage, check_trainable, depth_of, lr_multiplier, param_groups, resolve_stages,
-                                 stage_scheduler, trainable_parameters)
-from cbam_train.startup import stage_table_rows
 from conftest import compose_config
+
+from cbam_train.config.errors import ConfigError
+from cbam_train.config.schema import SchedConfig, StageConfig
+from cbam_train.models.resnet import ResNetCBAM
+from cbam_train.training.optim import build_optimizer, stage_lr
+from cbam_train.training.schedule import (
+    apply_stage,
+    check_trainable,
+    depth_of,
+    lr_multiplier,
+    param_groups,
+    resolve_stages,
+    stage_scheduler,
+    trainable_parameters,
+)
+from cbam_train.training.startup import stage_table_rows
 
 
 def stage_of(lr: float = 1e-3, trainable=("all",), lr_mult=None, layer_decay=None, sched=None, select_lr=None):

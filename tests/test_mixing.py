@@ -1,4 +1,4 @@
-"""cbam_train.mixing: MixUp / CutMix against torchvision v2's, the draws, and the soft-target loss."""
+"""cbam_train.augment.mixing: MixUp / CutMix against torchvision v2's, the draws, and the soft-target loss."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from cbam_train.config import MixConfig
-from cbam_train.device import Amp
-from cbam_train.engine import forward_loss
-from cbam_train.mixing import BatchMix, MixParams, beta, cutmix_box, mix
+from cbam_train.augment.mixing import BatchMix, MixParams, beta, cutmix_box, mix
+from cbam_train.config.schema import MixConfig
+from cbam_train.training.device import Amp
+from cbam_train.training.engine import forward_loss
 
 
 def batch(b: int = 8, size: int = 10, seed: int = 0) -> tuple:

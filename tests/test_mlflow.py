@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cbam_train.config import ConfigError, LoggerConfig
-from cbam_train.resume import flatten
-from cbam_train.tracking import DB_NAME, JobInfo, MlflowTracker, numeric_columns, store_uri
-from cbam_train.validation import validate
 from conftest import SMOKE_RUN, call_cli, cli_lines, compose_config, run_cli
+
+from cbam_train.config.errors import ConfigError
+from cbam_train.config.schema import LoggerConfig
+from cbam_train.config.tasks import JobInfo
+from cbam_train.config.validation import validate
+from cbam_train.reporting.tracking import DB_NAME, MlflowTracker, numeric_columns, store_uri
+from cbam_train.state.resume import flatten
 
 # The sweep's jobs draw no attention pictures: at 6 stage ends they cost 71 -> 113 s of CPU here (2026-12-02);
 # test_attention_pictures_are_logged_when_present checks that attention/ and attention*.png are logged.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from cbam_train.config import ConfigError, PlateauConfig
-from cbam_train.plateau import best_so_far, describe, improved, stage_end
 from conftest import NARROW, PICTURES_OFF, compose_config
+
+from cbam_train.config.errors import ConfigError
+from cbam_train.config.schema import PlateauConfig
+from cbam_train.training.plateau import best_so_far, describe, improved, stage_end
 
 
 def rows_of(metric: str, values: list, first_epoch: int = 6) -> list:
@@ -60,7 +61,7 @@ def test_until_plateau_composes_from_the_command_line():
     assert compose_config(["data.root=/x"]).schedule.stages["full"].until_plateau.patience is None  # off
     assert compose_config(["data.root=/x", "schedule.stages.full.until_plateau=null"]).schedule.stages[
         "full"].until_plateau is None  # off too
-    from cbam_train.schedule import resolve_stages
+    from cbam_train.training.schedule import resolve_stages
 
     on = compose_config(["data.root=/x", "schedule.stages.high.until_plateau.patience=2"]).schedule.stages
     assert [s.plateau.patience if s.plateau else None for s in resolve_stages(on)] == [None, 2, None]
@@ -90,10 +91,11 @@ def test_stages_end_on_their_plateaus_and_restore_their_best_weights(tmp_path, m
 
     import torch
 
-    from cbam_train import checkpoint, train
+    from cbam_train.state import checkpointer
+    from cbam_train.training import train
 
     saved = {}
-    real_save = checkpoint.save_checkpoint
+    real_save = checkpointer.save_checkpoint
 
     def keep_epoch_ends(state, folder, names, hint):
         real_save(state, folder, names, hint)
@@ -101,7 +103,7 @@ def test_stages_end_on_their_plateaus_and_restore_their_best_weights(tmp_path, m
             shutil.copyfile(folder / names[0], tmp_path / f"epoch{state['epoch']}.pt")
             saved[state["epoch"]] = tmp_path / f"epoch{state['epoch']}.pt"
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", keep_epoch_ends)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", keep_epoch_ends)
     summary = train.run(compose_config(PLATEAUS), tmp_path / "run")
     rows = metrics(tmp_path / "run")
     assert [(r["epoch"], r["stage_name"], r["stage_end"]) for r in rows] == [
@@ -125,9 +127,8 @@ def test_a_kill_in_the_middle_of_a_plateau_wait_resumes_to_the_same_end(tmp_path
     (epoch 6): the resumed run ends exactly as the uninterrupted one, bit for bit (rows and model.pt)."""
     import signal
 
-    from test_resume import assert_same_run, run_until
-
     from conftest import call_cli
+    from test_resume import assert_same_run, run_until
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = call_cli(PLATEAUS + [f"hydra.run.dir={ref}"], tmp_path)  # the uninterrupted run, in this process
@@ -144,7 +145,7 @@ def test_a_kill_in_the_middle_of_a_plateau_wait_resumes_to_the_same_end(tmp_path
 
 
 def test_curves_bands_follow_the_epochs_that_ran():
-    from cbam_train.plots import actual_spans
+    from cbam_train.reporting.charts import actual_spans
 
     planned = [{"name": "head", "first_epoch": 1, "last_epoch": 1, "epochs": 1, "lr": 1e-3},
                {"name": "high", "first_epoch": 2, "last_epoch": 6, "epochs": 5, "lr": 1e-4},

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from cbam_train.checkpoint import load_strict, read_weights
-from cbam_train.models import build_model
-from cbam_train.models.post import from_post, is_post_layout, to_post
 from conftest import compose_config
 from post_network import PostResNet18CBAM
+
+from cbam_train.models import build_model
+from cbam_train.models.post import from_post, is_post_layout, to_post
+from cbam_train.state.weights import load_strict, read_weights
 
 
 def seed_model() -> torch.nn.Module:
@@ -76,10 +76,10 @@ def test_a_file_the_post_saved_loads_as_weights(tmp_path):
 def test_task_eval_of_a_post_file_equals_the_post_network(tmp_path):
     """`task=eval checkpoint=<the post's .pth> experiment=seed` measures what the post's own network measures
     on the same normalised test images."""
-    from cbam_train.data import build_splits
-    from cbam_train.engine import evaluate
-    from cbam_train.evaluation import run_eval
-    from cbam_train.loaders import build_eval_loader
+    from cbam_train.data.datasets import build_splits
+    from cbam_train.data.loaders import build_eval_loader
+    from cbam_train.tasks.evaluate import run_eval
+    from cbam_train.training.engine import evaluate
 
     torch.manual_seed(0)
     post = PostResNet18CBAM()

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bad_input import hostile_file
+from conftest import NARROW, SMOKE_RUN, call_cli, cli_lines, compose_config
 from PIL import Image
 
-from cbam_train.config import ConfigError
-from cbam_train.data import build_splits
-from cbam_train.engine import evaluate
-from cbam_train.imagefolder import ImageFiles, decode_image
-from cbam_train.loaders import build_eval_loader
+from cbam_train.config.errors import ConfigError, PredictError
+from cbam_train.data.datasets import build_splits
+from cbam_train.data.imagefolder import ImageFiles, decode_image
+from cbam_train.data.loaders import build_eval_loader
 from cbam_train.models import build_model
-from cbam_train.predict import PredictError, find_inputs, predictions_csv
-from conftest import NARROW, SMOKE_RUN, call_cli, cli_lines, compose_config
-from bad_input import hostile_file
+from cbam_train.tasks.predict import find_inputs, predictions_csv
+from cbam_train.training.engine import evaluate
 
 TINY = SMOKE_RUN  # the trained run's own settings (conftest.trained)
 

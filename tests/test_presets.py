@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import NARROW, PICTURES_OFF, compose_config
 
 from cbam_train.models import build_model
-from cbam_train.train import run
-from conftest import NARROW, PICTURES_OFF, compose_config
+from cbam_train.training.train import run
 
 POST_MEAN, POST_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]  # the post's transforms.Normalize
 SMALL = ["data=synthetic", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
@@ -42,7 +42,7 @@ def test_seed_code_lr_per_epoch_is_torch_steplr_over_50_epochs():
     the 704 of CIFAR-10 at batch 64), against the post's StepLR(step_size=10, gamma=0.1) over 50 epochs."""
     from torch import nn
 
-    from cbam_train.schedule import resolve_stages, stage_scheduler
+    from cbam_train.training.schedule import resolve_stages, stage_scheduler
 
     cfg = compose_config(["experiment=seed_code", "data.root=/x"])
     [stage] = resolve_stages(cfg.schedule.stages)
@@ -61,7 +61,7 @@ def test_seed_code_lr_per_epoch_is_torch_steplr_over_50_epochs():
 
 
 def test_finetune_preset_composes_to_its_documented_choices():
-    from cbam_train.schedule import resolve_stages
+    from cbam_train.training.schedule import resolve_stages
 
     cfg = compose_config(["experiment=finetune", "data.root=/x"])
     assert cfg.model.pretrained and cfg.model.cbam.init == "identity" and cfg.schedule.freeze_bn
@@ -127,10 +127,10 @@ def test_every_preset_runs_at_smoke_size(tmp_path, narrow_tv_state, preset, extr
 
 @pytest.mark.slow
 def test_ema_weights_are_evaluated_and_saved(tmp_path):
-    from cbam_train.data import build_splits
-    from cbam_train.engine import evaluate
-    from cbam_train.loaders import build_eval_loader
+    from cbam_train.data.datasets import build_splits
+    from cbam_train.data.loaders import build_eval_loader
     from cbam_train.models import build_model
+    from cbam_train.training.engine import evaluate
 
     cfg = compose_config(["experiment=smoke", *SMALL, "train.ema_decay=0.5", "eval.flip_tta=true", "stage=head"])
     s = run(cfg, tmp_path / "ema")
@@ -146,7 +146,7 @@ def test_ema_weights_are_evaluated_and_saved(tmp_path):
     loader = build_eval_loader(splits.test, cfg.data, "memory", torch.device("cpu"), splits.mean, splits.std, 0)
     assert evaluate(model, loader, torch.device("cpu"), flip_tta=True)["acc"] == s["test_acc"]
     # task=eval of the run's checkpoint judges the same (EMA) weights, not the raw ones stored beside them
-    from cbam_train.evaluation import run_eval
+    from cbam_train.tasks.evaluate import run_eval
 
     out = run_eval(compose_config(["experiment=smoke", *SMALL, "eval.flip_tta=true", "task=eval",
                                    f"checkpoint={tmp_path / 'ema' / 'checkpoints' / 'last.pt'}"]), tmp_path / "ev")
@@ -154,7 +154,7 @@ def test_ema_weights_are_evaluated_and_saved(tmp_path):
 
 
 def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
-    from cbam_train.engine import evaluate
+    from cbam_train.training.engine import evaluate
 
     class Left(torch.nn.Module):  # class 1 when the left half is brighter, else 0
         def forward(self, x):

@@ -5,10 +5,11 @@ import urllib.error
 
 import pytest
 import torch
-
-from cbam_train.checkpoint import WeightsError, imagenet_resnet18_state_dict, load_initial_weights
-from cbam_train.models.resnet import ResNetCBAM
 from conftest import assert_same_state
+
+from cbam_train.config.errors import WeightsError
+from cbam_train.models.resnet import ResNetCBAM
+from cbam_train.state.weights import imagenet_resnet18_state_dict, load_initial_weights
 
 TV_FILE = "resnet18-f37072fd.pth"
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cbam_train import plots
-from cbam_train.report import Reporter
+from cbam_train.reporting import charts
+from cbam_train.reporting.reporter import Reporter
 
 STAGES = [{"index": 1, "name": "head", "epochs": 2, "lr": 1e-3, "trainable": ["fc"], "trainable_params": 10,
            "first_epoch": 1, "last_epoch": 2},
@@ -103,7 +103,7 @@ def test_a_failing_plot_warns_once_and_training_goes_on(tmp_path, monkeypatch, c
     def broken(*a, **k):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("cbam_train.report.draw_curves", broken)
+    monkeypatch.setattr("cbam_train.reporting.reporter.draw_curves", broken)
     rep = Reporter(tmp_path, "quiet", curves_every_s=0)
     rep.stage_table(STAGES)
     rep.epoch(row(1))
@@ -117,14 +117,14 @@ def test_a_failing_plot_warns_once_and_training_goes_on(tmp_path, monkeypatch, c
 def test_sweep_plot_marks_failed_jobs(tmp_path):
     jobs = [{"job": 0, "overrides": ["lr=1e-3"], "status": "completed", "best_val_acc": 0.8},
             {"job": 1, "overrides": ["lr=1e-2"], "status": "failed", "best_val_acc": None}]
-    plots.draw_sweep(jobs, tmp_path / "sweep.png")
+    charts.draw_sweep(jobs, tmp_path / "sweep.png")
     w, h = png_size(tmp_path / "sweep.png")
     assert w >= 600 and h == 450
 
 
 @pytest.mark.parametrize("n_rows", [0, 1, 4])
 def test_curves_draw_for_any_number_of_rows(tmp_path, n_rows):
-    plots.draw_curves([row(e) for e in range(1, n_rows + 1)], plots.stage_spans(STAGES), tmp_path / "c.png")
+    charts.draw_curves([row(e) for e in range(1, n_rows + 1)], charts.stage_spans(STAGES), tmp_path / "c.png")
     assert png_size(tmp_path / "c.png") == (1100, 420)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -146,8 +146,8 @@ def test_tensorboard_logger_writes_scalars(tmp_path):
 def test_missing_tensorboard_is_one_clear_line(monkeypatch):
     import builtins
 
-    from cbam_train.config import UserError
-    from cbam_train.report import check_tensorboard
+    from cbam_train.config.errors import UserError
+    from cbam_train.reporting.reporter import check_tensorboard
 
     real_import = builtins.__import__
 
@@ -163,17 +163,17 @@ def test_missing_tensorboard_is_one_clear_line(monkeypatch):
 
 def test_sweep_labels_shorten_long_floats_only():
     """Optuna's overrides carry 17 significant digits; three keep the bars' labels apart (sweep.png)."""
-    assert plots.short_number("0.0012520653814999472") == "0.00125"
-    assert plots.short_number("3.860866271460548e-05") == "3.86e-05"
-    assert [plots.short_number(v) for v in ("8", "16", "adam", "[fc,cbam]")] == ["8", "16", "adam", "[fc,cbam]"]
+    assert charts.short_number("0.0012520653814999472") == "0.00125"
+    assert charts.short_number("3.860866271460548e-05") == "3.86e-05"
+    assert [charts.short_number(v) for v in ("8", "16", "adam", "[fc,cbam]")] == ["8", "16", "adam", "[fc,cbam]"]
 
 
 def test_the_final_test_accuracy_is_marked_on_curves_png(tmp_path, monkeypatch):
     """Reporter.summary with a test_acc redraws curves.png at close with the test accuracy passed to the drawing,
     and the drawing then plots one more point than without it (the star after the last epoch)."""
     seen = []
-    real = plots.draw_curves
-    monkeypatch.setattr("cbam_train.report.draw_curves", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    real = charts.draw_curves
+    monkeypatch.setattr("cbam_train.reporting.reporter.draw_curves", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     rep = Reporter(tmp_path, "quiet", curves_every_s=0)
     rep.stage_table(STAGES)
     rep.epoch(row(1))
@@ -182,8 +182,8 @@ def test_the_final_test_accuracy_is_marked_on_curves_png(tmp_path, monkeypatch):
     rep.close()
     assert seen == [None, 0.625]
     lines = []
-    monkeypatch.setattr(plots, "save_png", lambda fig, path: lines.append(
+    monkeypatch.setattr(charts, "save_png", lambda fig, path: lines.append(
         [ln.get_label() for ax in fig.axes for ln in ax.get_lines()]))
-    plots.draw_curves([row(1), row(2)], plots.stage_spans(STAGES), tmp_path / "a.png")
-    plots.draw_curves([row(1), row(2)], plots.stage_spans(STAGES), tmp_path / "b.png", test_acc=0.625)
+    charts.draw_curves([row(1), row(2)], charts.stage_spans(STAGES), tmp_path / "a.png")
+    charts.draw_curves([row(1), row(2)], charts.stage_spans(STAGES), tmp_path / "b.png", test_acc=0.625)
     assert [lb for lb in lines[1] if lb not in lines[0]] == ["test acc 62.50%"]

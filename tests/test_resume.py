@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cbam_train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from conftest import NARROW, PICTURES_OFF, call_cli, child_env
+
+from cbam_train.state.weights import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
 # 12 batches per epoch, 2 epochs per stage: kills can land inside a stage, at its boundary and mid-epoch
 BASE = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=224", "data.val_size=32", "data.test_size=32",
@@ -199,8 +199,9 @@ TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "
 def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_path):
     """Two epochs (persistent workers draw differently from the second on), and a 2-worker run resumed at
     the stage boundary (a fresh DataLoader iterator) equal to the uninterrupted 0-worker run."""
-    from cbam_train.train import run
     from conftest import compose_config
+
+    from cbam_train.training.train import run
 
     args = TINY + ["data.loader=torchvision", "stage=head", "schedule.stages.head.epochs=2"]
     for w in (0, 2):
@@ -219,10 +220,11 @@ def test_torchvision_loader_gives_the_same_run_for_any_number_of_workers(tmp_pat
 def test_non_finite_loss(tmp_path, monkeypatch, policy):
     """A NaN loss at epoch 2 step 2: `stop` ends the run naming the step, with epoch 1's checkpoint kept;
     `skip_batch` leaves that batch out of the update and the run finishes."""
-    from cbam_train import engine
-    from cbam_train.engine import TrainingError
-    from cbam_train.train import run
     from conftest import compose_config
+
+    from cbam_train.config.errors import TrainingError
+    from cbam_train.training import engine
+    from cbam_train.training.train import run
 
     real = engine.forward_loss
     calls = {"n": 0}
@@ -258,9 +260,10 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     and loadable, no temp file left."""
     import errno
 
-    from cbam_train.checkpoint import CheckpointError
-    from cbam_train.train import run
     from conftest import compose_config
+
+    from cbam_train.config.errors import CheckpointError
+    from cbam_train.training.train import run
 
     real_save = torch.save
     calls = {"n": 0}
@@ -285,8 +288,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path):
-    from cbam_train.checkpoint import WeightsError
-    from cbam_train.resume import find_resume
+    from cbam_train.config.errors import WeightsError
+    from cbam_train.state.resume import find_resume
 
     marker = tmp_path / "pwned"
 
@@ -301,7 +304,7 @@ def test_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_second_signal_aborts_at_once():
-    from cbam_train.interrupt import Interrupted, StopRequest
+    from cbam_train.training.interrupt import Interrupted, StopRequest
 
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when the suite runs in the background
     notes = []
@@ -316,8 +319,8 @@ def test_second_signal_aborts_at_once():
 
 
 def test_config_changes_sort_refused_harmless_and_other_keys():
-    from cbam_train.config import ConfigError
-    from cbam_train.resume import check_resume_config, config_changes
+    from cbam_train.config.errors import ConfigError
+    from cbam_train.state.resume import check_resume_config, config_changes
 
     old = {"model": {"cbam": {"reduction": 16}}, "log": {"mode": "plain"}, "optim": {"weight_decay": 0.0},
            "data": {"limit": None, "num_workers": 4}, "seed": 0}
@@ -337,9 +340,10 @@ def test_config_changes_sort_refused_harmless_and_other_keys():
 @pytest.mark.slow
 def test_resuming_a_run_with_results_but_no_checkpoint_is_refused(tmp_path):
     """train.checkpoint_every_n_epochs=0 leaves no last.pt: starting over would overwrite the results."""
-    from cbam_train.config import UserError
-    from cbam_train.train import run
     from conftest import compose_config
+
+    from cbam_train.config.errors import UserError
+    from cbam_train.training.train import run
 
     args = TINY + ["stage=head", "train.checkpoint_every_n_epochs=0"]
     run(compose_config(args), tmp_path / "run", {"overrides.yaml": "[]\n"})

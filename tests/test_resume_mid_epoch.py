@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_resume import TINY, assert_same_run, rows
 
 EXTRAS = ["schedule.stages.high.sched.name=cosine", "schedule.stages.high.sched.warmup_epochs=0.5",
@@ -36,11 +35,13 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
     EMA weights and the per-image and per-batch augmentation draws, whose states the checkpoint carries too."""
     import shutil
 
-    from cbam_train import checkpoint, train
     from conftest import compose_config
 
+    from cbam_train.state import checkpointer
+    from cbam_train.training import train
+
     saved = []
-    real_save = checkpoint.save_checkpoint
+    real_save = checkpointer.save_checkpoint
 
     def keep_copies(state, folder, names, hint):
         real_save(state, folder, names, hint)
@@ -48,12 +49,12 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
         shutil.copyfile(folder / names[0], copy)
         saved.append((state["epoch"], state["step"], copy))
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", keep_copies)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", keep_copies)
     args = TINY + [f"data.loader={loader}", "train.checkpoint_every_n_steps=2", *extra]
     train.run(compose_config(args), tmp_path / "full")
     mid = [(e, s, p) for e, s, p in saved if s and e == 1]  # epoch 2 (stage 'high') in progress
     assert mid, saved
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", real_save)
     train.run(compose_config(args + [f"resume={mid[0][2]}"]), tmp_path / "resumed")
     assert_same_run(tmp_path / "full", tmp_path / "resumed")
     if extra == ACCUMULATE:  # checkpoints fall only between optimizer steps, so none holds half a gradient

@@ -4,12 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from cbam_train import engine as train
-from cbam_train.optim import build_optimizer
-from cbam_train.config import ConfigError, StageConfig
+from cbam_train.config.errors import ConfigError
+from cbam_train.config.schema import StageConfig
 from cbam_train.models.resnet import ResNetCBAM
-from cbam_train.schedule import (apply_stage, check_trainable, frozen_new_modules, resolve_stages,
-                                 trainable_parameters)
+from cbam_train.training import engine
+from cbam_train.training.optim import build_optimizer
+from cbam_train.training.schedule import (
+    apply_stage,
+    check_trainable,
+    frozen_new_modules,
+    resolve_stages,
+    trainable_parameters,
+)
 
 BACKBONE = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
 
@@ -193,9 +199,9 @@ def run_epoch(model, trainable, freeze_bn):
     loader = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen))
               for _ in range(2)]
     calls = []
-    setup = train.EpochSetup(torch.device("cpu"), on_step=lambda *a, **k: calls.append(a), every_n_steps=1,
+    setup = engine.EpochSetup(torch.device("cpu"), on_step=lambda *a, **k: calls.append(a), every_n_steps=1,
                              where="test")
-    out = train.train_one_epoch(model, loader, opt, setup)
+    out = engine.train_one_epoch(model, loader, opt, setup)
     assert out.n == 8 and len(calls) == 2
     return out
 

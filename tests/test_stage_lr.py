@@ -6,21 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from cbam_train.config import StageConfig
-from cbam_train.schedule import resolve_stages
-
+from cbam_train.config.schema import StageConfig
+from cbam_train.training.schedule import Stage, resolve_stages
 
 # --- the lr inside a stage --------------------------------------------------------------------------
 
-def _stage(epochs: int, sched: str = "constant", warmup_epochs: float = 0.0, **kw) -> "Stage":
-    from cbam_train.schedule import Stage
-
+def _stage(epochs: int, sched: str = "constant", warmup_epochs: float = 0.0, **kw) -> Stage:
     return Stage(index=1, name="a", epochs=epochs, lr=1.0, trainable=("all",), first_epoch=1, sched=sched,
                  warmup_epochs=warmup_epochs, **kw)
 
 
 def test_lr_factor_warmup_then_constant_or_cosine():
-    from cbam_train.schedule import lr_factor
+    from cbam_train.training.schedule import lr_factor
 
     # 1 step per epoch: stage steps == epochs
     assert [lr_factor(k, _stage(10, "constant", 4), 1) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -31,7 +28,7 @@ def test_lr_factor_warmup_then_constant_or_cosine():
 
 
 def test_lr_factor_step_drops_by_gamma_every_step_size_epochs_of_the_stage():
-    from cbam_train.schedule import lr_factor
+    from cbam_train.training.schedule import lr_factor
 
     stage = _stage(7, "step", step_size=3, gamma=0.5)
     per_epoch = [[lr_factor(k, stage, 4) for k in range(e * 4, e * 4 + 4)] for e in range(7)]
@@ -46,8 +43,8 @@ def test_step_schedule_is_torch_steplr_stepped_per_epoch(step_size, gamma, epoch
     """The stage's lr at every step equals torch's StepLR stepped once per epoch. Both are float64: ours is
     lr * gamma**k, StepLR's k repeated multiplications, so they may differ by a few roundings (< 1e-15
     relative for k <= 5 drops); 1e-12 leaves room for that and nothing else."""
-    from cbam_train.config import SchedConfig
-    from cbam_train.schedule import stage_scheduler
+    from cbam_train.config.schema import SchedConfig
+    from cbam_train.training.schedule import stage_scheduler
 
     cfg = StageConfig(epochs=epochs, lr=1e-3, sched=SchedConfig("step", step_size=step_size, gamma=gamma))
     st = resolve_stages({"a": cfg})[0]
@@ -65,8 +62,8 @@ def test_step_schedule_is_torch_steplr_stepped_per_epoch(step_size, gamma, epoch
 
 
 def test_stage_scheduler_steps_the_optimizer_lr_per_step():
-    from cbam_train.config import SchedConfig
-    from cbam_train.schedule import stage_scheduler
+    from cbam_train.config.schema import SchedConfig
+    from cbam_train.training.schedule import stage_scheduler
 
     st = resolve_stages({"a": StageConfig(epochs=2, lr=0.4, sched=SchedConfig("cosine", 1.0, 0.0))})[0]
     p = nn.Parameter(torch.zeros(1))
@@ -83,8 +80,9 @@ def test_stage_scheduler_steps_the_optimizer_lr_per_step():
 
 
 def test_sched_validation_names_the_stage():
-    from cbam_train.config import ConfigError
     from conftest import compose_config
+
+    from cbam_train.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="schedule.stages.head.sched.name: unknown value 'linear'"):
         compose_config(["schedule.stages.head.sched.name=linear"])

@@ -6,9 +6,9 @@ import csv
 import json
 
 import pytest
-
-from cbam_train.sweep import collect, ranked, swept, write_status, write_summary
 from conftest import NARROW, PICTURES_OFF, call_cli, compose_config
+
+from cbam_train.cli.sweep import collect, ranked, swept, write_status, write_summary
 
 TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
         "data.batch_size=16", "log.mode=quiet", *PICTURES_OFF]
@@ -75,7 +75,7 @@ def test_fail_fast_stops_the_sweep_at_the_failed_job(tmp_path):
 def test_hparams_search_preset_sets_the_sweeper_grid():
     from hydra import compose, initialize_config_dir
 
-    from cbam_train.cli import find_conf_dir, register_configs
+    from cbam_train.cli.command import find_conf_dir, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
@@ -89,7 +89,7 @@ def test_slurm_launcher_config():
     installed (it is not a dependency: the check is skipped, with this reason, without it)."""
     from omegaconf import OmegaConf
 
-    from cbam_train.cli import find_conf_dir, register_configs
+    from cbam_train.cli.command import find_conf_dir, register_configs
 
     raw = OmegaConf.load(find_conf_dir() / "hydra" / "launcher" / "slurm.yaml")
     assert list(raw.defaults) == ["submitit_slurm"] and raw.gpus_per_node == 1 and raw.tasks_per_node == 1

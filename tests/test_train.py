@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from cbam_train.checkpoint import WeightsError
-from cbam_train.engine import TrainingError
-from cbam_train.train import run
 from conftest import NARROW, PICTURES_OFF, compose_config
+
+from cbam_train.config.errors import TrainingError, WeightsError
+from cbam_train.training.train import run
 
 TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32",
         "data.test_size=32", "data.batch_size=16", "log.mode=plain", *PICTURES_OFF]
@@ -105,7 +104,7 @@ def test_rich_and_quiet_modes_run(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, scaler", [("bf16", False), ("fp16", True), ("fp32", False)])
 def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
-    from cbam_train.device import resolve_amp
+    from cbam_train.training.device import resolve_amp
 
     cfg = compose_config(TINY + [f"device.precision={precision}", "device.channels_last=true", "stage=full"])
     amp = resolve_amp(cfg.device, torch.device("cpu"))
@@ -124,7 +123,7 @@ def test_precision_paths_run_on_cpu(tmp_path, precision, scaler):
 
 
 def test_auto_precision_is_fp32_on_cpu():
-    from cbam_train.device import resolve_amp
+    from cbam_train.training.device import resolve_amp
 
     amp = resolve_amp(compose_config(["device=auto"]).device, torch.device("cpu"))
     assert amp.name == "fp32" and amp.dtype is None and amp.memory_format == torch.contiguous_format
@@ -133,11 +132,11 @@ def test_auto_precision_is_fp32_on_cpu():
 @pytest.mark.slow
 def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_layers():
     """pytorch#139476: requires_grad changes between stages; after the recompile the unfrozen conv1 must learn."""
-    from cbam_train.config import DeviceConfig
+    from cbam_train.config.schema import DeviceConfig
     from cbam_train.models import ResNetCBAM
-    from cbam_train.schedule import apply_stage
-    from cbam_train.device import compile_for_stage
-    from cbam_train.engine import EpochSetup, train_one_epoch
+    from cbam_train.training.device import compile_for_stage
+    from cbam_train.training.engine import EpochSetup, train_one_epoch
+    from cbam_train.training.schedule import apply_stage
 
     torch.manual_seed(0)
     model = ResNetCBAM(width=8)  # what is compiled and recompiled does not depend on the width
@@ -161,8 +160,8 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_forward_runs_under_the_configured_autocast(precision, dtype):
     from cbam_train.models import ResNetCBAM
-    from cbam_train.device import setup_device
-    from cbam_train.engine import forward_loss
+    from cbam_train.training.device import setup_device
+    from cbam_train.training.engine import forward_loss
 
     model = ResNetCBAM()
     amp = setup_device(model, compose_config(["device=cpu", f"device.precision={precision}",

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from bad_input import argv, folder_args, snapshot, write_images
+from PIL import Image
 
 START_UP = [
     ("lr=nan", "lr must be a finite number, got nan"),
@@ -53,13 +52,13 @@ AFTER_CLAIM = [  # refused once the data is read: the run dir has its config rec
 
 @pytest.mark.parametrize("overrides, phrase", START_UP + AFTER_CLAIM, ids=[o for o, _ in START_UP + AFTER_CLAIM])
 def test_bad_value_is_one_line_at_start_up(overrides, phrase, tmp_path, monkeypatch, capsys):
-    from cbam_train import cli
+    from cbam_train.cli import command
 
     run_dir = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["cbam-train", *argv(None, *overrides.split()), f"hydra.run.dir={run_dir}"])
     with pytest.raises(SystemExit) as e:
-        cli.main()
+        command.main()
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert e.value.code == 2, err
@@ -71,7 +70,7 @@ def test_bad_value_is_one_line_at_start_up(overrides, phrase, tmp_path, monkeypa
 
 def test_a_class_left_without_training_images_is_refused(tmp_path, monkeypatch, capsys):
     """13 images, val_size=4: the stratified split's largest remainder gives the one 'dog' image to val."""
-    from cbam_train import cli
+    from cbam_train.cli import command
 
     write_images(tmp_path / "imgs" / "train")
     (tmp_path / "imgs" / "train" / "dog").mkdir()
@@ -82,7 +81,7 @@ def test_a_class_left_without_training_images_is_refused(tmp_path, monkeypatch, 
                                                                                     "data.val_size": 4}),
                                      f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as e:
-        cli.main()
+        command.main()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert e.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: class(es) dog have no training images after the validation split")

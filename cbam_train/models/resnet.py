@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from cbam_train.config import RESNET18_WIDTH
+from cbam_train.config.schema import RESNET18_WIDTH
 from cbam_train.models.cbam import CBAM
 
 if TYPE_CHECKING:
-    from cbam_train.config import ModelConfig
+    from cbam_train.config.schema import ModelConfig
 
 BLOCKS_PER_STAGE = (2, 2, 2, 2)  # ResNet18
 

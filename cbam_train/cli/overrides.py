@@ -1,0 +1,46 @@
+"""The command line of a run: which config key an override sets, and the overrides that re-create a run's
+config, so `cbam-train resume=RUN_DIR` (and `task=eval checkpoint=PATH`) need nothing else. What cli.py needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+# Recorded overrides that never carry over into a resumed (or evaluated) run's command line.
+NOT_CARRIED = ("resume", "checkpoint", "task", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+
+
+def override_key(override: str) -> str:
+    """The config key an override sets: '+a.b=1' -> 'a.b', '~x' -> 'x'."""
+    return override.lstrip("~+").split("=", 1)[0].strip()
+
+
+def run_dir_of(path: Path) -> Optional[Path]:
+    """The run dir a path belongs to: the dir itself, or the run holding checkpoints/X.pt or model.pt."""
+    for cand in (path, path.parent.parent if path.parent.name == "checkpoints" else None, path.parent):
+        if cand is not None and cand.is_dir() and (cand / ".hydra" / "overrides.yaml").is_file():
+            return cand
+    return None
+
+
+def recorded_overrides(run_dir: Optional[Path], ckpt: Optional[Path], key: str = "resume") -> list:
+    """The overrides a run was started with: its .hydra/overrides.yaml, else the checkpoint's copy. For
+    resume= the file must be a cbam-train checkpoint; for checkpoint= (task=eval) a plain state dict has none."""
+    from omegaconf import OmegaConf
+
+    if run_dir is not None:
+        return [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    if ckpt is not None and ckpt.is_file():
+        from cbam_train.state.weights import load_checkpoint, read_weights
+
+        if key == "resume":
+            return [str(o) for o in load_checkpoint(ckpt, f"resume={ckpt}").get("overrides", [])]
+        meta = read_weights(ckpt, f"{key}={ckpt}")[1]
+        return [str(o) for o in (meta or {}).get("overrides", [])]
+    return []
+
+
+def merge_overrides(recorded: list, given: list) -> list:
+    """The run's recorded overrides (minus those `given` sets again, and run-specific ones), then `given`."""
+    keys = {override_key(o) for o in given}
+    return [o for o in recorded if override_key(o) not in keys and override_key(o) not in NOT_CARRIED] + given

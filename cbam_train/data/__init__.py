@@ -1,0 +1,1 @@
+"""Datasets and splits (CIFAR-10, image folders, synthetic) and the loaders that feed them."""

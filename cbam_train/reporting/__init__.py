@@ -1,0 +1,1 @@
+"""What a run shows: console, train.log, metrics files, charts, attention numbers and pictures, MLflow."""
