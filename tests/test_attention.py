@@ -30,7 +30,7 @@ def formula_weights(model: torch.nn.Module) -> torch.nn.Module:
     """Weights from a formula, not an RNG: the same network on any machine and torch version (Grad-CAM reference).
     Each tensor: sin(1 + 0.7 i) scaled to He's std for its fan-in; BatchNorm keeps weight 1, bias 0, stats 0/1."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() < 2:
                 continue
             fan_in = p[0].numel()

@@ -1,4 +1,5 @@
-"""cbam_train.augment.per_image: the training recipe (crop, flip, colour jitter, rotation) and evaluation normalisation."""
+"""cbam_train.augment.per_image: the training recipe (crop, flip, colour jitter, rotation) and evaluation
+normalisation."""
 
 from __future__ import annotations
 

@@ -9,15 +9,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from cbam_train.augment.batched import (
     BatchAugment,
-    adjust_brightness,
-    adjust_contrast,
     adjust_hue,
-    adjust_saturation,
     crop,
     hflip,
     normalize,
     rotate,
 )
+from cbam_train.augment.colour import adjust_brightness, adjust_contrast, adjust_saturation
 from cbam_train.augment.per_image import build_eval_transform
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -63,7 +61,7 @@ def test_crop_matches_pad_then_crop_exactly(h, w):
 def test_hflip_flips_only_masked_images_exactly():
     x = unit(images(6))
     mask = torch.tensor([True, False, False, True, True, False])
-    expected = torch.stack([TF.horizontal_flip(img) if m else img for img, m in zip(x, mask)])
+    expected = torch.stack([TF.horizontal_flip(img) if m else img for img, m in zip(x, mask, strict=True)])
     assert torch.equal(hflip(x, mask), expected)
     assert not torch.equal(expected, x)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import CIFAR_NAMES, PER_BATCH, _write_pickle, write_cifar
 
+from cbam_train.data import cifar10 as cifar10_mod
 from cbam_train.data.cifar10 import load_cifar10
 from cbam_train.data.datasets import DataError, build_splits
-from cbam_train.data import cifar10 as cifar10_mod
 
 HINTS = ("data.root", "data=imagefolder", "experiment=smoke")
 
@@ -51,7 +51,8 @@ def test_cifar10_loads_batches_with_cifar_layout(tmp_path):
         flat, _ = written[f"data_batch_{b + 1}"]
         r, k = 9, 30
         for c in range(3):
-            np.testing.assert_array_equal(tx[b * PER_BATCH:(b + 1) * PER_BATCH, c, r, k], flat[:, c * 1024 + r * 32 + k])
+            rows = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
+            np.testing.assert_array_equal(tx[rows, c, r, k], flat[:, c * 1024 + r * 32 + k])
     train_flat = np.concatenate([written[f"data_batch_{b}"][0] for b in range(1, 6)])
     np.testing.assert_array_equal(tx.reshape(len(tx), -1), train_flat)
     assert ty.tolist() == sum((written[f"data_batch_{b}"][1] for b in range(1, 6)), [])

@@ -117,5 +117,6 @@ def test_reporter_prints_what_show_config_asks(tmp_path, capsys, show):
 
 def test_show_config_is_validated():
     assert compose_config(["log.show_config=none"]).log.show_config == "none"
-    with pytest.raises(ConfigError, match=r"^log.show_config: unknown value 'loud'; choose one of: compact, full, none"):
+    want = r"^log.show_config: unknown value 'loud'; choose one of: compact, full, none"
+    with pytest.raises(ConfigError, match=want):
         compose_config(["log.show_config=loud"])

@@ -32,7 +32,7 @@ def test_stratified_split_exact_size_proportional_and_partition(val_size):
     assert set(train.tolist()).isdisjoint(val.tolist())
     assert sorted(train.tolist() + val.tolist()) == list(range(n))
     assert list(val) == sorted(val) and list(train) == sorted(train)
-    for c, count in zip(*np.unique(labels, return_counts=True)):
+    for c, count in zip(*np.unique(labels, return_counts=True), strict=True):
         quota = count * val_size / n
         got = int((labels[val] == c).sum())
         assert abs(got - quota) < 1, (c, got, quota)
@@ -75,7 +75,7 @@ def test_stratified_subset_keeps_proportions():
     assert len(set(keep.tolist())) == 30
     assert set(keep.tolist()) <= set(indices.tolist())
     classes, counts = np.unique(labels[indices], return_counts=True)
-    for c, count in zip(classes, counts):
+    for c, count in zip(classes, counts, strict=True):
         quota = count * 30 / len(indices)
         assert abs(int((labels[keep] == c).sum()) - quota) < 1
     np.testing.assert_array_equal(keep, stratified_subset(indices, labels, limit=30, seed=0))

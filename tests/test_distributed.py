@@ -94,7 +94,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     assert "data-parallel: 2 processes, global batch 32 (16 per process), 6 steps per epoch" in two.stdout
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
         assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
         assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]

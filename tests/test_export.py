@@ -144,7 +144,8 @@ def test_export_through_the_cli_loads_without_cbam_train(trained, fmt, name, tmp
     model = build_model(compose_config(TINY).model)
     model.load_state_dict(torch.load(trained / "model.pt", weights_only=True))
     with torch.inference_mode():
-        want = model.eval()((x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1))
+        mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        want = model.eval()((x - mean) / std)
     assert torch.from_numpy(logits).sub(want).abs().max() <= meta["tolerance"]
 
 

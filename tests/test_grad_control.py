@@ -96,9 +96,10 @@ def test_accumulated_steps_equal_the_large_batch_ones():
         large = [(xs[:12], ys[:12]), (xs[12:24], ys[12:24]), (xs[24:], ys[24:])]
         train_one_epoch(model_a, small, opt_a, setup_a)
         train_one_epoch(model_b, large, opt_b, setup_b)
-        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
             assert (pa - pb).abs().max().item() <= 1e-12
-        moved = max((p - q).abs().max().item() for p, q in zip(model_a.parameters(), _tiny_setup()[0].parameters()))
+        fresh = _tiny_setup()[0].parameters()
+        moved = max((p - q).abs().max().item() for p, q in zip(model_a.parameters(), fresh, strict=True))
         assert moved > 1e-3  # the steps did move the weights, far beyond the tolerance
     finally:
         torch.set_default_dtype(torch.float32)
@@ -134,7 +135,7 @@ def test_two_times_16_accumulated_equals_32_through_the_cli(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-9)
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
         assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]
@@ -159,7 +160,8 @@ def test_clipping_bounds_every_step_and_a_loose_limit_changes_nothing(tmp_path):
     run(compose_config(args), tmp_path / "plain")
     run(compose_config(args + ["train.grad_clip_norm=1e9"]), tmp_path / "loose")
     run(compose_config(args + ["train.grad_clip_norm=1e-3"]), tmp_path / "tight")
-    plain, loose, tight = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("plain", "loose", "tight"))
+    plain, loose, tight = (torch.load(tmp_path / d / "model.pt", weights_only=True)
+                           for d in ("plain", "loose", "tight"))
     assert all(torch.equal(plain[k], loose[k]) for k in plain)
     assert [r["clipped_steps"] for r in rows(tmp_path / "loose")] == [0, 0]
     assert [r["clipped_steps"] for r in rows(tmp_path / "tight")] == [6, 6]  # every step's norm is over 1e-3

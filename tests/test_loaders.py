@@ -9,7 +9,7 @@ from conftest import compose_config
 
 from cbam_train.augment.batched import normalize
 from cbam_train.data.datasets import build_splits
-from cbam_train.data.loaders import MemoryLoader, build_loaders, choose_loader
+from cbam_train.data.loaders import Batching, MemoryLoader, build_loaders, choose_loader
 
 SYN = ["data=synthetic", "data.image_size=8", "data.train_size=100", "data.val_size=20", "data.test_size=10"]
 
@@ -22,7 +22,7 @@ def test_memory_loader_visits_every_image_once_per_epoch_in_a_seeded_order():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
     labels = torch.arange(10)
     def epochs(seed):
-        loader = MemoryLoader(images, labels, 4, True, identity, torch.Generator().manual_seed(seed))
+        loader = MemoryLoader(images, labels, Batching(4, True), identity, torch.Generator().manual_seed(seed))
         assert len(loader) == 3
         out = []
         for _ in range(2):
@@ -35,21 +35,22 @@ def test_memory_loader_visits_every_image_once_per_epoch_in_a_seeded_order():
     e1, e2 = epochs(0)
     assert sorted(e1.tolist()) == list(range(10)) and sorted(e2.tolist()) == list(range(10))
     assert not torch.equal(e1, e2)  # a new order each epoch
-    assert all(torch.equal(a, b) for a, b in zip(epochs(0), [e1, e2]))  # reproducible
+    assert all(torch.equal(a, b) for a, b in zip(epochs(0), [e1, e2], strict=False))  # reproducible
     assert not torch.equal(epochs(1)[0], e1)
 
 
 def test_training_memory_loader_drops_a_last_batch_of_one():
     images, labels = torch.zeros(9, 3, 2, 2, dtype=torch.uint8), torch.arange(9)
-    train = MemoryLoader(images, labels, 4, True, identity, torch.Generator())
+    train = MemoryLoader(images, labels, Batching(4, True), identity, torch.Generator())
     assert len(train) == 2 and [y.shape[0] for _, y in train] == [4, 4]
-    evaluation = MemoryLoader(images, labels, 4, False, identity, torch.Generator())
+    evaluation = MemoryLoader(images, labels, Batching(4, False), identity, torch.Generator())
     assert len(evaluation) == 3 and [y.shape[0] for _, y in evaluation] == [4, 4, 1]
 
 
 def test_unshuffled_memory_loader_keeps_dataset_order():
     labels = torch.arange(7)
-    loader = MemoryLoader(torch.zeros(7, 3, 2, 2, dtype=torch.uint8), labels, 3, False, identity, torch.Generator())
+    loader = MemoryLoader(torch.zeros(7, 3, 2, 2, dtype=torch.uint8), labels, Batching(3, False), identity,
+                          torch.Generator())
     assert torch.cat([y for _, y in loader]).tolist() == list(range(7))
 
 
@@ -83,7 +84,7 @@ def test_both_loaders_give_the_same_evaluation_batches(kind):
     images, _ = splits.train.materialize()
     want = sorted(tuple(v.flatten().tolist()) for v in normalize(images, splits.mean, splits.std))
     assert len(got) == len(want) and all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
-                                         for a, b in zip(got, want))
+                                         for a, b in zip(got, want, strict=False))
     assert len(loaders.test) == 1
 
 
@@ -162,7 +163,8 @@ def test_memory_loader_augments_in_chunks_of_whole_batches():
         calls.append(x.shape[0])
         return x
 
-    loader = MemoryLoader(images, torch.arange(10), 4, True, recording, torch.Generator().manual_seed(0), chunk=9)
+    loader = MemoryLoader(images, torch.arange(10), Batching(4, True, chunk=9), recording,
+                          torch.Generator().manual_seed(0))
     batches = list(loader)
     assert calls == [8, 2]  # chunk 9 rounds down to two batches of 4; the rest is the last chunk
     assert [y.shape[0] for _, y in batches] == [4, 4, 2] and len(loader) == 3

@@ -17,6 +17,7 @@ from PIL import Image
 from cbam_train.config.errors import UserError
 from cbam_train.tasks import lr_find
 from cbam_train.tasks.lr_find import local_lines, lr_schedule, override_for, run_lr_find, suggest
+from cbam_train.training import session
 
 # 80 training images in batches of 16: 5 batches an epoch, so 10 steps go through the loader twice
 TINY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
@@ -25,7 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def ema(losses: list, beta: float) -> list:
-    """The bias-corrected EMA, written out independently of lr_find.sweep."""
+    """The bias-corrected EMA, written out independently of lr_find.range_test."""
     out, avg = [], 0.0
     for k, loss in enumerate(losses, 1):
         avg = beta * avg + (1 - beta) * loss
@@ -41,7 +42,7 @@ def test_the_lr_sequence_is_exponential_from_min_lr_to_max_lr():
     lrs = lr_schedule(1e-6, 1e-1, 51)
     assert len(lrs) == 51 and lrs[0] == 1e-6 and lrs[-1] == pytest.approx(1e-1, rel=1e-12)
     ratio = (1e-1 / 1e-6) ** (1 / 50)  # the same factor between every pair of neighbours: 10^(5/50)
-    assert all(b / a == pytest.approx(ratio, rel=1e-12) for a, b in zip(lrs, lrs[1:]))
+    assert all(b / a == pytest.approx(ratio, rel=1e-12) for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_suggest_takes_the_steepest_descent_before_the_minimum():
@@ -78,7 +79,7 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
     """stage=high with layer_decay: several param groups; each step's group lrs are lr_i x lr_mult; only the
     stage's parameters change and the frozen modules' BatchNorm statistics stay put (schedule.freeze_bn)."""
     seen = {}
-    real_build, real_sweep = lr_find.build_optimizer, lr_find.sweep
+    real_build, real_sweep = session.build_optimizer, lr_find.range_test
 
     def build(groups, cfg, lr):
         opt = real_build(groups, cfg, lr)
@@ -93,8 +94,8 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
         seen["after"] = state_copy(model)
         return result
 
-    monkeypatch.setattr(lr_find, "build_optimizer", build)
-    monkeypatch.setattr(lr_find, "sweep", spy)
+    monkeypatch.setattr(session, "build_optimizer", build)
+    monkeypatch.setattr(lr_find, "range_test", spy)
     # reduction 4: at model.width=8 the default 16 leaves CBAM's channel MLP one hidden unit, which a ReLU can keep
     # at zero for a whole sweep; then its first layer would not change although it trains
     cfg = compose_config(TINY + ["stage=high", "schedule.stages.high.layer_decay=0.5", "lr_find.max_lr=1e-2",
@@ -106,7 +107,7 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
     assert sorted(mults) == [0.0625, 0.125, 0.25, 0.5, 1.0]
     assert [g["lr_mult"] for g in out["lr_groups"]] == mults
     assert len(seen["steps"]) == 10
-    for lr, group_lrs in zip(lr_schedule(1e-7, 1e-2, 10), seen["steps"]):
+    for lr, group_lrs in zip(lr_schedule(1e-7, 1e-2, 10), seen["steps"], strict=False):
         assert group_lrs == pytest.approx([lr * m for m in mults], rel=1e-12)
     before, after = seen["before"], seen["after"]
     trains = ("fc.", "cbam.", "layer3.", "layer4.")
@@ -205,7 +206,7 @@ def test_starts_from_the_weights_training_would_start_the_stage_from(source, tmp
 
     torch.manual_seed(123)  # not the run's seed: the file's tensors differ from the run's own random init
     saved = build_model(compose_config(TINY).model).state_dict()
-    for k, v in saved.items():
+    for v in saved.values():
         if v.is_floating_point():
             v.add_(0.01)  # BatchNorm statistics and CBAM's zero-initialised layers differ from an init too
     torch.save(saved, tmp_path / "w.pt")
@@ -220,7 +221,7 @@ def test_starts_from_the_weights_training_would_start_the_stage_from(source, tmp
         captured["train"] = state_copy(run.model)
         raise _Started
 
-    monkeypatch.setattr(lr_find, "sweep", at_sweep)
+    monkeypatch.setattr(lr_find, "range_test", at_sweep)
     monkeypatch.setattr(train, "open_stage", at_open_stage)
     for name, task, task_overrides in (("lr_find", run_lr_find, []), ("train", train.run, ["task=train"])):
         with pytest.raises(_Started):
@@ -252,9 +253,9 @@ def test_bad_keys_are_refused_with_one_line(override, message, tmp_path, monkeyp
 def test_lr_find_keys_change_nothing_a_resume_continues():
     """A checkpoint saved before the lr_find group existed (or with other lr_find.* values) resumes without a
     warning: the sweep's settings change no number of a training run."""
-    from cbam_train.state.resume import config_changes
+    from cbam_train.state.resume import resume_changes
 
-    assert config_changes({"lr": 1e-3}, {"lr": 1e-3, "lr_find": {"min_lr": 1e-7, "steps": 100}}) == ([], [])
+    assert resume_changes({"lr": 1e-3}, {"lr": 1e-3, "lr_find": {"min_lr": 1e-7, "steps": 100}}) == ([], [])
 
 
 class _Take:
@@ -327,7 +328,7 @@ def test_the_sweep_accumulates_and_clips_as_training_steps():
     plain SGD moves the weights by at most lr_i x the limit per step, so by sum(lr_i) x limit over the sweep."""
     from torch import nn
 
-    from cbam_train.tasks.lr_find import SweepSetup, sweep
+    from cbam_train.tasks.lr_find import SweepSetup, range_test
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -345,7 +346,7 @@ def test_the_sweep_accumulates_and_clips_as_training_steps():
     opt.register_step_pre_hook(lambda o, args, kwargs: steps.append(o.param_groups[0]["lr"]))
     lrs = lr_schedule(1e-2, 1.0, 10)
     setup = SweepSetup(torch.device("cpu"), smooth=0.0, diverge_factor=1e9, accumulate_steps=3, grad_clip_norm=1e-3)
-    result = sweep(model, batches(), opt, lrs, setup)
+    result = range_test(model, batches(), opt, lrs, setup)
     assert len(drawn) == 30 and steps == pytest.approx(lrs) and len(result.losses) == 10
     moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm().item()
     assert 0 < moved <= sum(lrs) * 1e-3 * (1 + 1e-6)

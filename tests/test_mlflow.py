@@ -16,8 +16,8 @@ from cbam_train.config.errors import ConfigError
 from cbam_train.config.schema import LoggerConfig
 from cbam_train.config.tasks import JobInfo
 from cbam_train.config.validation import validate
+from cbam_train.config.view import flatten
 from cbam_train.reporting.tracking import DB_NAME, MlflowTracker, numeric_columns, store_uri
-from cbam_train.state.resume import flatten
 
 # The sweep's jobs draw no attention pictures: at 6 stage ends they cost 71 -> 113 s of CPU here (2026-12-02);
 # test_attention_pictures_are_logged_when_present checks that attention/ and attention*.png are logged.
@@ -73,7 +73,8 @@ def test_without_mlflow_one_line_before_anything_is_written(tmp_path, monkeypatc
         monkeypatch.setitem(sys.modules, name, None)
     code, err, run_dir = cli_main([], tmp_path)
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: logger=mlflow: the mlflow package is not installed; pip install 'cbam-train[mlflow]'")
+    assert err[0].startswith("error: logger=mlflow: the mlflow package is not installed; "
+                             "pip install 'cbam-train[mlflow]'")
     assert_nothing_written(run_dir, tmp_path)
 
 

@@ -27,7 +27,8 @@ def test_wheel_ships_and_finds_the_configs(tmp_path):
     env = child_env({"PYTHONPATH": str(site)})
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = subprocess.run([sys.executable, "-c", "import cbam_train.cli.command as c; print(c.__file__, c.find_conf_dir())"],
+    code = "import cbam_train.cli.command as c; print(c.__file__, c.find_conf_dir())"
+    where = subprocess.run([sys.executable, "-c", code],
                            cwd=work, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert Path(where[0]).is_relative_to(site) and Path(where[1]) == site / "cbam_train" / "conf"
     proc = subprocess.run([sys.executable, "-m", "cbam_train", "experiment=smoke", "--cfg", "job"],

@@ -71,8 +71,9 @@ def test_until_plateau_composes_from_the_command_line():
 # head: 1 epoch. high: at most 5, ends on a val_loss plateau after 1 + 2 epochs (no val_loss can beat the best by
 # 100). full: at most 4, early-stopped after 1 + 1 epochs (no val_acc can beat the best by 1.0). So the epochs
 # that run are 1 | 2 3 4 | 5 6, not the planned 1 | 2-6 | 7-10, whatever the training does.
-PLATEAUS = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
-            "data.batch_size=16", "log.mode=plain", "log.every_n_steps=1", "schedule.stages.high.epochs=5",
+PLATEAUS = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32",
+            "data.test_size=32", "data.batch_size=16", "log.mode=plain", "log.every_n_steps=1",
+            "schedule.stages.high.epochs=5",
             "schedule.stages.high.until_plateau={patience: 2, metric: val_loss, min_delta: 100}",
             "schedule.stages.full.epochs=4", "schedule.stages.full.until_plateau={patience: 1, min_delta: 1.0}",
             *PICTURES_OFF]

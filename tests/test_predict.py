@@ -74,7 +74,8 @@ def test_images_are_read_as_training_reads_them(tmp_path):
     files = ImageFiles([big, tmp_path / "tall.png"], 8)
     assert torch.equal(decode_image(big, 8)[0], files(0)) and decode_image(big, 8)[0].shape == (3, 8, 8)
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    assert decode_image(tmp_path / "bad.png", 8)[0] is None and "cannot identify" in decode_image(tmp_path / "bad.png", 8)[1]
+    image, why = decode_image(tmp_path / "bad.png", 8)
+    assert image is None and "cannot identify" in why
 
 
 def test_predictions_csv_has_a_row_per_file_and_the_error_column():
@@ -188,7 +189,7 @@ def test_predicting_the_val_images_gives_evaluations_classes(trained, tmp_path):
     summary = json.loads((trained / "summary.json").read_text())
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes)
     images, labels = splits.val.materialize()
-    for i, (img, y) in enumerate(zip(images, labels)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
         save_png(tmp_path / "val" / summary["classes"][y] / f"{i:03d}.png", img.permute(1, 2, 0).numpy())
     proc = call_cli(["task=predict", f"checkpoint={trained / 'model.pt'}", f"inputs={tmp_path / 'val'}",
                     "predict.batch_size=5", "log.mode=plain", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path)

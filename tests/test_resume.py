@@ -320,19 +320,19 @@ def test_second_signal_aborts_at_once():
 
 def test_config_changes_sort_refused_harmless_and_other_keys():
     from cbam_train.config.errors import ConfigError
-    from cbam_train.state.resume import check_resume_config, config_changes
+    from cbam_train.state.resume import check_resume_config, resume_changes
 
     old = {"model": {"cbam": {"reduction": 16}}, "log": {"mode": "plain"}, "optim": {"weight_decay": 0.0},
            "data": {"limit": None, "num_workers": 4}, "seed": 0}
     same_but_harmless = {**old, "log": {"mode": "rich"}, "data": {"limit": None, "num_workers": 0}}
-    assert config_changes(old, same_but_harmless) == ([], [])
+    assert resume_changes(old, same_but_harmless) == ([], [])
     other = {**old, "optim": {"weight_decay": 5e-4}}
     assert check_resume_config(old, other, "x") == ["optim.weight_decay: 0.0 -> 0.0005"]
     with pytest.raises(ConfigError, match=r"data.limit: None -> 100"):
         check_resume_config(old, {**old, "data": {"limit": 100, "num_workers": 4}}, "x")
     # a checkpoint from before model.width existed ran at its default, 64: the same width resumes, another is refused
     now = {**old, "model": {"cbam": {"reduction": 16}, "width": 64}}
-    assert config_changes(old, now) == ([], [])
+    assert resume_changes(old, now) == ([], [])
     with pytest.raises(ConfigError, match=r"model.width: 64 -> 16"):
         check_resume_config(old, {**now, "model": {"cbam": {"reduction": 16}, "width": 16}}, "x")
 

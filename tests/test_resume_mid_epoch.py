@@ -16,8 +16,9 @@ TV_AUGMENT = ["augment.policy=autoaugment", "augment.cutout.enabled=true", "augm
               "augment.mix.cutmix_alpha=1.0", "augment.mix.prob=0.7"]
 
 
-STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step", "schedule.stages.high.sched.step_size=1",
-        "schedule.stages.high.sched.gamma=0.5", "schedule.stages.high.sched.warmup_epochs=0.5",
+STEP = ["schedule.stages.high.epochs=2", "schedule.stages.high.sched.name=step",
+        "schedule.stages.high.sched.step_size=1", "schedule.stages.high.sched.gamma=0.5",
+        "schedule.stages.high.sched.warmup_epochs=0.5",
         "+schedule.stages.high.lr_mult={layer3:0.1,layer4.1:0.5}", "schedule.stages.high.layer_decay=0.8"]
 
 

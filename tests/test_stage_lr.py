@@ -23,7 +23,7 @@ def test_lr_factor_warmup_then_constant_or_cosine():
     assert [lr_factor(k, _stage(10, "constant", 4), 1) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     cos = [lr_factor(k, _stage(10, "cosine", 2, min_lr_ratio=0.1), 1) for k in range(10)]
     assert cos[:2] == [0.5, 1.0] and cos[2] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(cos[2:], cos[3:]))  # decreasing after the warm-up
+    assert all(a >= b for a, b in zip(cos[2:], cos[3:], strict=False))  # decreasing after the warm-up
     assert lr_factor(7, _stage(10, "cosine"), 1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 9)))
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import NARROW, PICTURES_OFF, call_cli, compose_config
 
-from cbam_train.cli.sweep import collect, ranked, swept, write_status, write_summary
+from cbam_train.cli.sweep import JobEnd, collect, ranked, swept, write_status, write_summary
 
 TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "data.val_size=32", "data.test_size=32",
         "data.batch_size=16", "log.mode=quiet", *PICTURES_OFF]
@@ -16,7 +16,7 @@ TINY = ["experiment=smoke", NARROW, "data.image_size=8", "data.train_size=96", "
 
 def fake_job(sweep, job, overrides, status, best=None, error=None):
     d = sweep / str(job)
-    write_status(d, job, overrides, status, error, 0 if status == "completed" else 2)
+    write_status(d, job, overrides, JobEnd(status, error, 0 if status == "completed" else 2))
     if status == "completed":
         (d / "summary.json").write_text(json.dumps({"best_val_acc": best, "final_val_acc": best, "test_acc": 0.5,
                                                     "epochs_run": 3, "wall_time_s": 1.0}))

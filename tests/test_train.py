@@ -157,7 +157,8 @@ def test_compiled_model_recompiled_at_a_stage_boundary_trains_newly_unfrozen_lay
     assert not torch.equal(before, model.conv1.weight)
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("precision, dtype",
+                         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_forward_runs_under_the_configured_autocast(precision, dtype):
     from cbam_train.models import ResNetCBAM
     from cbam_train.training.device import setup_device

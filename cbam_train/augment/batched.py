@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cbam_train.augment.colour import (
+    brightness_,
+    contrast_,
+    each,
+    saturation_,
+)
 from cbam_train.augment.ops import Erasing, Policy
 from cbam_train.config.schema import AugmentConfig
 
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601 luma)
 # ColorJitter's fn_idx numbering: jitter_order[i, r] is the op sample i gets in round r
 _JITTER = ("brightness", "contrast", "saturation", "hue")
 _HUE_CENTRES = (3.0, 5.0, 1.0)  # hues (in sextants) where R, G, B are at their minimum (see adjust_hue)
-
-
-def _each(v: Tensor) -> Tensor:
-    """A per-sample vector (B,) as (B, 1, 1, 1), to broadcast over (B, C, H, W)."""
-    return v.view(-1, 1, 1, 1)
 
 
 def _crop_flip(x: Tensor, top: Tensor, left: Tensor, padding: int, out: tuple[int, int],
@@ -54,44 +54,7 @@ def crop(x: Tensor, top: Tensor, left: Tensor, padding: int, size: Optional[int]
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror left-right the images where the bool (B,) mask is set."""
-    return torch.where(_each(mask), x.flip(-1), x)
-
-
-def _brightness_(x: Tensor, f: Tensor) -> Tensor:
-    return x.mul_(_each(f)).clamp_(0.0, 1.0)
-
-
-def _contrast_(x: Tensor, f: Tensor) -> Tensor:
-    # The mean of the grayscale image is the luma-weighted sum of the channel means (it is linear),
-    # which needs one reduction instead of a grayscale image and its mean.
-    m = x.mean(dim=(-2, -1))  # (B, 3); Python-float weights: no host-to-device copy (a sync on CUDA)
-    mean = m[:, 0] * _GRAY[0] + m[:, 1] * _GRAY[1] + m[:, 2] * _GRAY[2]  # (B,)
-    return x.mul_(_each(f)).add_(_each(mean * (1.0 - f))).clamp_(0.0, 1.0)
-
-
-def _gray(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(dim=1)
-    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)  # (B, 1, H, W)
-
-
-def _saturation_(x: Tensor, f: Tensor) -> Tensor:
-    gray = _gray(x).mul_(_each(1.0 - f))
-    return x.mul_(_each(f)).add_(gray).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    """Scale each image by its factor f (B,), clamped to [0, 1] (torchvision's adjust_brightness)."""
-    return _brightness_(x.clone(), f)
-
-
-def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    """Blend each image with the mean of its grayscale image: f * x + (1 - f) * mean, clamped."""
-    return _contrast_(x.clone(), f)
-
-
-def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    """Blend each image with its grayscale image: f * x + (1 - f) * gray, clamped."""
-    return _saturation_(x.clone(), f)
+    return torch.where(each(mask), x.flip(-1), x)
 
 
 def adjust_hue(x: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -114,7 +77,7 @@ def adjust_hue(x: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor
     num.addcmul_(is_g, torch.add(b - r, chroma, alpha=2.0).sub_(num))
     num.addcmul_(is_r, (g - b).sub_(num))
     # gray pixels (chroma 0) have num 0 and keep v whatever their hue; the clamp only avoids 0 / 0
-    hue6 = num.div_(chroma.clamp_min(1e-12)).add_(_each(6.0 * shift)).remainder_(6.0)
+    hue6 = num.div_(chroma.clamp_min(1e-12)).add_(each(6.0 * shift)).remainder_(6.0)
     # _hsv_to_rgb: channel n = v - chroma * w_n, w_n = clamp(2 - d_n, 0, 1), d_n the distance on the hue
     # circle (length 6) from hue6 to c_n (3, 5, 1 for R, G, B); with a = |hue6 - c_n|, 2 - d_n = |a - 3| - 1
     weight = torch.cat([hue6 - c for c in _HUE_CENTRES], dim=1).abs_().sub_(3.0).abs_()  # Python floats: no sync
@@ -127,7 +90,7 @@ def _hue_(x: Tensor, shift: Tensor) -> Tensor:
     return adjust_hue(x, shift, out=x)
 
 
-_JITTER_OPS_ = (_brightness_, _contrast_, _saturation_, _hue_)
+_JITTER_OPS_ = (brightness_, contrast_, saturation_, _hue_)
 
 
 def _rotation_grid(degrees: Tensor, h: int, w: int) -> Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2.functional import equalize
 
+from cbam_train.augment.colour import adjust_brightness, adjust_contrast, adjust_saturation, each
 from cbam_train.config.schema import AugmentConfig
 
 # op ids: TrivialAugmentWide draws one of the first 14, AutoAugment's policy also uses Invert
@@ -23,7 +24,7 @@ OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Br
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 SIGNED = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness")
 _GEOMETRIC = 5  # ops 1..5 are one affine warp each
-_GRAY = (0.2989, 0.587, 0.114)
+ERASE_ATTEMPTS = 10  # boxes RandomErasing.get_params tries per image before it leaves the image alone
 # torchvision's AutoAugmentPolicy.CIFAR10: 25 sub-policies of 2 (op, probability, magnitude bin of 10)
 CIFAR10_POLICY = (
     (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
@@ -57,10 +58,6 @@ def magnitudes(op: str, bins: int, size: int, policy: str) -> Tensor:
     if op == "Solarize":
         return torch.linspace(1.0, 0.0, bins)
     return torch.zeros(bins)
-
-
-def _each(v: Tensor) -> Tensor:
-    return v.view(-1, 1, 1, 1)
 
 
 def affine_theta(shear_x: Tensor, shear_y: Tensor, tx: Tensor, ty: Tensor, angle: Tensor, w: int, h: int,
@@ -110,24 +107,6 @@ def _geometric(x: Tensor, op: Tensor, m: Tensor) -> Tensor:
     return warp(x, theta)
 
 
-def _brightness(x: Tensor, f: Tensor) -> Tensor:
-    return x.mul(_each(f)).clamp_(0.0, 1.0)
-
-
-def _gray(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(dim=1)
-    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
-
-
-def _color(x: Tensor, f: Tensor) -> Tensor:
-    return x.mul(_each(f)).add_(_gray(x).mul_(_each(1.0 - f))).clamp_(0.0, 1.0)
-
-
-def _contrast(x: Tensor, f: Tensor) -> Tensor:
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return x.mul(_each(f)).add_(mean * _each(1.0 - f)).clamp_(0.0, 1.0)
-
-
 def _sharpness(x: Tensor, f: Tensor) -> Tensor:
     # torchvision's adjust_sharpness: the interior blended with a 3x3 smoothing (1s, 5 in the middle, / 13)
     kernel = torch.full((3, 3), 1.0 / 13.0, dtype=x.dtype, device=x.device)  # Python floats: no host-to-device copy
@@ -135,17 +114,17 @@ def _sharpness(x: Tensor, f: Tensor) -> Tensor:
     out = x.clone()
     blurred = F.conv2d(out, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
     view = out[..., 1:-1, 1:-1]
-    view.addcmul_(blurred.sub_(view), _each(1.0 - f))
+    view.addcmul_(blurred.sub_(view), each(1.0 - f))
     return out.clamp_(0.0, 1.0)
 
 
 def _posterize(x: Tensor, bits: Tensor) -> Tensor:
-    levels = _each(torch.exp2(bits))
+    levels = each(torch.exp2(bits))
     return x.mul(levels).floor_().clamp_(min=torch.zeros_like(levels), max=levels - 1).div_(levels)
 
 
 def _solarize(x: Tensor, threshold: Tensor) -> Tensor:
-    return torch.where(x >= _each(threshold), 1.0 - x, x)
+    return torch.where(x >= each(threshold), 1.0 - x, x)
 
 
 def _autocontrast(x: Tensor, _m: Tensor) -> Tensor:
@@ -157,8 +136,8 @@ def _autocontrast(x: Tensor, _m: Tensor) -> Tensor:
 
 # op id -> fn(x, signed magnitude) for the colour ops (Identity and the warps are handled apart)
 _COLOUR: dict[int, Callable[[Tensor, Tensor], Tensor]] = {
-    6: lambda x, m: _brightness(x, 1.0 + m), 7: lambda x, m: _color(x, 1.0 + m),
-    8: lambda x, m: _contrast(x, 1.0 + m), 9: lambda x, m: _sharpness(x, 1.0 + m), 10: _posterize, 11: _solarize,
+    6: lambda x, m: adjust_brightness(x, 1.0 + m), 7: lambda x, m: adjust_saturation(x, 1.0 + m),
+    8: lambda x, m: adjust_contrast(x, 1.0 + m), 9: lambda x, m: _sharpness(x, 1.0 + m), 10: _posterize, 11: _solarize,
     12: _autocontrast, 13: lambda x, m: equalize(x), 14: lambda x, m: 1.0 - x}
 
 
@@ -167,9 +146,9 @@ def apply_op(x: Tensor, op: Tensor, m: Tensor) -> Tensor:
     if op.device.type == "cpu" and op.numel() and int(op.min()) == int(op.max()):  # one op for all: no masks
         k = int(op[0])
         return x if k == 0 else _geometric(x, op, m) if k <= _GEOMETRIC else _COLOUR[k](x, m)
-    out = torch.where(_each((op >= 1) & (op <= _GEOMETRIC)), _geometric(x, op, m), x)
+    out = torch.where(each((op >= 1) & (op <= _GEOMETRIC)), _geometric(x, op, m), x)
     for k, fn in _COLOUR.items():
-        out = torch.where(_each(op == k), fn(x, m), out)
+        out = torch.where(each(op == k), fn(x, m), out)
     return out
 
 
@@ -233,10 +212,11 @@ class Policy:
 
 
 def erase_boxes(n: int, h: int, w: int, scale: tuple, ratio: tuple, p: float, g: torch.Generator,
-                device: torch.device | str, attempts: int = 10) -> Tensor:
+                device: torch.device | str) -> Tensor:
     """(B, 4) int64 top, left, height, width per image, as RandomErasing.get_params (height 0: not erased).
 
-    Up to 10 attempts per image, all drawn at once; the first whose box fits wins (torchvision's loop)."""
+    Up to ERASE_ATTEMPTS per image, all drawn at once; the first whose box fits wins (torchvision's loop)."""
+    attempts = ERASE_ATTEMPTS
     area = torch.rand(n, attempts, generator=g, device=device).mul_(scale[1] - scale[0]).add_(scale[0]) * (h * w)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.rand(n, attempts, generator=g, device=device).mul_(hi - lo).add_(lo).exp_()

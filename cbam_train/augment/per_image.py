@@ -30,7 +30,8 @@ class Cutout(v2.Transform):
         return f"size={self.size}, p={self.p}"
 
 
-def build_train_transform(cfg: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def build_train_transform(cfg: AugmentConfig, image_size: int, mean: Sequence[float],
+                          std: Sequence[float]) -> v2.Compose:
     """The recipe's order: crop, flip, the policy (TrivialAugmentWide / AutoAugment CIFAR-10), colour jitter,
     rotation, float [0, 1] and normalise, then random erasing and cutout (on the normalised image)."""
     ops: list[Any] = []

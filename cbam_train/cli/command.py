@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from cbam_train.cli.hydra_errors import condense_hydra_error, failure_line, raised_by_hydra
 from cbam_train.cli.launchers import is_main_process, submitit_ranks
 from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides, run_dir_of
-from cbam_train.cli.sweep import write_status
+from cbam_train.cli.sweep import JobEnd, write_status
 from cbam_train.config.errors import UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import TASKS, JobInfo
@@ -56,8 +56,9 @@ def _quoted(path: Path) -> str:
 
 
 def with_recorded_overrides(args: list) -> list:
-    """`resume=PATH` and `task=eval|predict|export|explain checkpoint=PATH` re-create the run's config: its recorded overrides come
-    first and the ones given now win; a resume also writes into the run's own dir (hydra.run.dir)."""
+    """`resume=PATH`, and `checkpoint=PATH` for a task that reads one (config/tasks.py), re-create the run's
+    config: its recorded overrides come first and the ones given now win; a resume also writes into the run's
+    own dir (hydra.run.dir)."""
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     resume, ckpt = _value(overrides, "resume"), _value(overrides, "checkpoint")
     task = TASKS.get(_value(overrides, "task") or "train")
@@ -179,8 +180,8 @@ def run_task(dcfg: DictConfig) -> Optional[float]:
         label, msg, code = out or ("error", f"{type(e).__name__}: {e} (a bug: please report it)", 1)
         stopped = code in (130, 143)
         if is_main_process():
-            write_status(run_dir, hc.job.num, overrides, "interrupted" if stopped else "failed", msg, code,
-                         started=started)
+            write_status(run_dir, hc.job.num, overrides, JobEnd("interrupted" if stopped else "failed", msg, code),
+                         started)
         if out is None:
             raise
         print_error(msg, label)
@@ -188,8 +189,8 @@ def run_task(dcfg: DictConfig) -> Optional[float]:
             sys.exit(code)
         return None
     if sweep and is_main_process():
-        write_status(run_dir, hc.job.num, overrides, "completed", metric=OmegaConf.select(dcfg, "optimized_metric"),
-                     value=value, started=started)
+        end = JobEnd("completed", metric=OmegaConf.select(dcfg, "optimized_metric"), value=value)
+        write_status(run_dir, hc.job.num, overrides, end, started)
     return value
 
 

@@ -31,12 +31,12 @@ def recorded_overrides(run_dir: Optional[Path], ckpt: Optional[Path], key: str =
     if run_dir is not None:
         return [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
     if ckpt is not None and ckpt.is_file():
+        from cbam_train.state.run_state import saved_overrides
         from cbam_train.state.weights import load_checkpoint, read_weights
 
         if key == "resume":
-            return [str(o) for o in load_checkpoint(ckpt, f"resume={ckpt}").get("overrides", [])]
-        meta = read_weights(ckpt, f"{key}={ckpt}")[1]
-        return [str(o) for o in (meta or {}).get("overrides", [])]
+            return saved_overrides(load_checkpoint(ckpt, f"resume={ckpt}"))
+        return saved_overrides(read_weights(ckpt, f"{key}={ckpt}")[1])
     return []
 
 

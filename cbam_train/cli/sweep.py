@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,16 +26,25 @@ COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "test_
            "run_dir", "error", "metric", "value")
 
 
-def write_status(job_dir: Path, job: int, overrides: list, status: str, error: Optional[str] = None,
-                 exit_code: int = 0, metric: Optional[str] = None, value: Optional[float] = None,
-                 started: Optional[float] = None) -> None:
-    """<job dir>/status.json: how this sweep job ended (completed | failed | interrupted), the value it
-    returned to the sweeper (`metric`: the optimized_metric it names), and where and when it ran (host, pid,
+@dataclass(frozen=True)
+class JobEnd:
+    """How a sweep job ended: completed | failed | interrupted, with its error line and exit code, and the value
+    it returned to the sweeper (`metric`: the optimized_metric that value is)."""
+
+    status: str
+    error: Optional[str] = None
+    exit_code: int = 0
+    metric: Optional[str] = None
+    value: Optional[float] = None
+
+
+def write_status(job_dir: Path, job: int, overrides: list, end: JobEnd, started: Optional[float] = None) -> None:
+    """<job dir>/status.json: how this sweep job ended (JobEnd), and where and when it ran (host, pid,
     started/ended in seconds since the epoch: which node of a cluster, which jobs overlapped)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_dir / "status.json", {"job": job, "overrides": list(overrides), "status": status,
-                                                "error": error, "exit_code": exit_code, "metric": metric,
-                                                "value": value, "host": socket.gethostname(), "pid": os.getpid(),
+    write_json_atomic(job_dir / "status.json", {"job": job, "overrides": list(overrides), "status": end.status,
+                                                "error": end.error, "exit_code": end.exit_code, "metric": end.metric,
+                                                "value": end.value, "host": socket.gethostname(), "pid": os.getpid(),
                                                 "started": started, "ended": time.time()})
 
 
@@ -90,7 +100,7 @@ def summary_table(rows: list, sweep_dir: Path) -> Table:
                       ("final val", "right"), ("test", "right"), ("epochs", "right"), ("time", "right")):
         t.add_column(col, justify=just)
     pct = lambda v: "" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    labels = {r["job"]: " ".join(_short(o) for o in overrides) for r, overrides in zip(rows, swept(rows))}
+    labels = {r["job"]: " ".join(_short(o) for o in overrides) for r, overrides in zip(rows, swept(rows), strict=True)}
     for r in ranked(rows):
         t.add_row(str(r["job"]), labels[r["job"]],
                   r["status"] if r["status"] == "completed" else f"{r['status']}: {r['error']}",
@@ -115,7 +125,7 @@ class SweepSummary(Callback):
         console = Console(highlight=False, markup=False)
         if not console.is_terminal:
             console = Console(highlight=False, markup=False, width=160, no_color=True)
-        labelled = [{**r, "overrides": o} for r, o in zip(rows, swept(rows))]
+        labelled = [{**r, "overrides": o} for r, o in zip(rows, swept(rows), strict=True)]
         safe_draw(lambda: draw_sweep(labelled, sweep_dir / "sweep.png"), sweep_dir / "sweep.png",
                   lambda msg: console.print(f"warning: {msg}"))
         console.print(summary_table(rows, sweep_dir))

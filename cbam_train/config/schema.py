@@ -153,7 +153,8 @@ class StageConfig:
     lr_mult: Dict[str, float] = field(default_factory=dict)
     # null, or in (0, 1]: fc gets the stage's lr and each step down (layer4, layer3, layer2, layer1, stem) x decay
     layer_decay: Optional[float] = None
-    # end the stage early, epochs then being a maximum: on once until_plateau.patience is set (null or patience null: off)
+    # end the stage early, epochs then being a maximum: on once until_plateau.patience is set
+    # (null, or patience null: off)
     until_plateau: Optional[PlateauConfig] = field(default_factory=PlateauConfig)
 
 

@@ -101,7 +101,7 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple:
         take[c] += 1
     rng = np.random.default_rng(seed)
     val = []
-    for c, k in zip(classes, take):
+    for c, k in zip(classes, take, strict=True):
         idx = np.flatnonzero(labels == c)
         val.append(rng.permutation(idx)[:k])
     val_idx = np.sort(np.concatenate(val))
@@ -160,7 +160,8 @@ class TensorImages:
         return self.images[torch.as_tensor(idx, dtype=torch.long)]
 
 
-def build_splits(cfg: DataConfig, seed: int, num_classes: int, warn: Callable[[str], None] = lambda s: None) -> DataSplits:
+def build_splits(cfg: DataConfig, seed: int, num_classes: int,
+                 warn: Callable[[str], None] = lambda s: None) -> DataSplits:
     """Train / val / test datasets (without transforms) for a DataConfig, checked against num_classes."""
     test = None
     if cfg.name == "cifar10":
@@ -241,7 +242,7 @@ class SeededOrder(Sampler):
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         order, seeds = (shard_order(t, self.batch_size, *self.shard) for t in (order, seeds))
         start, self.skip = self.skip, 0
-        return iter(zip(order[start:].tolist(), seeds[start:].tolist()))
+        return iter(zip(order[start:].tolist(), seeds[start:].tolist(), strict=True))
 
 
 def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:

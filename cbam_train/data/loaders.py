@@ -18,6 +18,16 @@ from cbam_train.config.schema import AugmentConfig, DataConfig
 from cbam_train.data.datasets import DataSplits, ImageDataset, make_loader, shard_order
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a MemoryLoader cuts its images into batches."""
+
+    batch_size: int
+    shuffle: bool
+    drop_partial: bool = False  # leave out the last, smaller batch
+    chunk: int = 0  # images transformed at a time, rounded down to whole batches (at least one)
+
+
 class MemoryLoader:
     """Yields (float normalised (B, 3, H, W), int64 (B,)) batches from uint8 images on the device.
 
@@ -28,13 +38,15 @@ class MemoryLoader:
     next pass start at that batch, drawing exactly what a full pass draws (an exact mid-epoch resume).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
                  transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                 generator: torch.Generator, drop_partial: bool = False, chunk: int = 0,
-                 shard: tuple = (0, 1), augment_generator: Optional[torch.Generator] = None) -> None:
-        self.images, self.labels, self.drop_partial = images, labels, drop_partial
-        self.chunk = max(1, chunk // batch_size) * batch_size  # at least one batch
-        self.batch_size, self.shuffle, self.transform, self.generator = batch_size, shuffle, transform, generator
+                 generator: torch.Generator, shard: tuple = (0, 1),
+                 augment_generator: Optional[torch.Generator] = None) -> None:
+        batch_size = batching.batch_size
+        self.images, self.labels, self.drop_partial = images, labels, batching.drop_partial
+        self.chunk = max(1, batching.chunk // batch_size) * batch_size  # at least one batch
+        self.batch_size, self.shuffle = batch_size, batching.shuffle
+        self.transform, self.generator = transform, generator
         # data-parallel: this rank's (rank, world); every rank draws the same order from `generator` and
         # takes its slice of each global batch of batch_size x world; augmentation draws from its own generator
         self.shard, self.augment_generator = shard, augment_generator or generator
@@ -115,8 +127,8 @@ def build_eval_loader(ds: ImageDataset, cfg: DataConfig, kind: str, device: torc
         def eval_tf(x: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
             return normalize(x, mean, std)
 
-        return MemoryLoader(images.to(device), labels.to(device), cfg.eval_batch_size, False, eval_tf,
-                            torch.Generator(device=device), chunk=cfg.augment_chunk)
+        return MemoryLoader(images.to(device), labels.to(device), Batching(cfg.eval_batch_size, False,
+                            chunk=cfg.augment_chunk), eval_tf, torch.Generator(device=device))
     ds.transform = build_eval_transform(mean, std)
     return make_loader(ds, cfg.eval_batch_size, False, workers, 0, device.type == "cuda")
 
@@ -146,8 +158,8 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
         aug_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank) if world > 1 else gen
         aug = BatchAugment(augment_cfg, cfg.image_size, mean, std)
         images, labels = splits.train.materialize()
-        train = MemoryLoader(images.to(device), labels.to(device), cfg.batch_size, True, aug, gen, drop_partial,
-                             cfg.augment_chunk, shard, aug_gen)
+        train = MemoryLoader(images.to(device), labels.to(device),
+                             Batching(cfg.batch_size, True, drop_partial, cfg.augment_chunk), aug, gen, shard, aug_gen)
         return Loaders(train, val, test, kind, aug, ((gen,) if aug_gen is gen else (gen, aug_gen)) + extra, mixer)
     splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, mean, std)
     train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial, shard)

@@ -64,7 +64,7 @@ class ResNetCBAM(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         in_ch = width
         in_block = cbam_enabled and placement == "block"
-        for k, (ch, n) in enumerate(zip(channels, BLOCKS_PER_STAGE), start=1):
+        for k, (ch, n) in enumerate(zip(channels, BLOCKS_PER_STAGE, strict=True), start=1):
             blocks = []
             for i in range(n):
                 stride = 2 if (i == 0 and k > 1) else 1

@@ -3,9 +3,10 @@ state, safe on a cluster node): curves.png per run, sweep.png per sweep, lr_find
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Optional
+
+from cbam_train.state.atomic import atomic_write
 
 BAND_COLOURS = ("#dbe9f6", "#fde9d0", "#e2f0d9", "#ece2f0", "#f8e0e0")
 
@@ -20,15 +21,14 @@ def new_figure(width: float, height: float):
 
 
 def save_png(fig, path: Path) -> None:
-    """Write through a temp file and rename, so a viewer never opens half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    """Through the atomic writer (temp file, fsync, rename), so a viewer never opens half a PNG."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def draw_curves(rows: list, stages: list, path: Path, title: str = "", test_acc: Optional[float] = None) -> None:
     """Loss and accuracy per epoch (train vs val), each stage a shaded band with its name, lr on a
-    secondary log axis, and the final test accuracy (when there is one) as a star after the last epoch. `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
+    secondary log axis, and the final test accuracy (when there is one) as a star after the last epoch.
+    `rows`: metrics.jsonl rows so far; `stages`: the planned schedule (name,
     first_epoch, last_epoch, lr, epochs), so a running job already shows the whole schedule (moved up where a
     plateau ended a stage early)."""
     fig = new_figure(11, 4.2)
@@ -83,7 +83,7 @@ def draw_sweep(jobs: list, path: Path, metric: str = "best_val_acc") -> None:
     values = [100 * j[metric] if j.get(metric) is not None else 0.0 for j in jobs]
     colours = ["#4878b0" if j["status"] == "completed" else "#c44e52" for j in jobs]
     bars = ax.bar(range(len(jobs)), values, color=colours)
-    for bar, j, v in zip(bars, jobs, values):
+    for bar, j, v in zip(bars, jobs, values, strict=True):
         text = f"{v:.1f}" if j["status"] == "completed" and j.get(metric) is not None else j["status"]
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
                     color="#222222" if j["status"] == "completed" else "#c44e52")

@@ -79,7 +79,7 @@ def draw_gates(summary: dict, path: Path, title: str = "") -> None:
     rows = max(1, -(-len(modules) // cols))
     fig = new_figure(3.1 * cols, 2.5 * rows + 0.6)
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax, m in zip(axes, modules):
+    for ax, m in zip(axes, modules, strict=False):
         counts = np.asarray(m["channel_hist"]["counts"], dtype=float)
         edges = np.linspace(m["channel_hist"]["min"], m["channel_hist"]["max"], len(counts) + 1)
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0")

@@ -23,7 +23,8 @@ class StageAttention:
 
     def __init__(self, run_dir: Path, splits, per_class: int, all_blocks: bool, init: str,
                  warn: Callable[[str], None]) -> None:
-        self.run_dir, self.splits, self.per_class, self.all_blocks, self.init = run_dir, splits, per_class, all_blocks, init
+        self.run_dir, self.splits, self.per_class = run_dir, splits, per_class
+        self.all_blocks, self.init = all_blocks, init
         self.warn = warn
         self._picked: Optional[ImageSet] = None  # chosen at the first stage end: a run may never get there
 

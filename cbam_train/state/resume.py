@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from cbam_train.cli.overrides import run_dir_of
 from cbam_train.config.errors import ConfigError, UserError
 from cbam_train.config.schema import Config
+from cbam_train.config.view import UNSET, config_changes, flatten
 from cbam_train.state.run_state import RunState, describe
 from cbam_train.state.weights import load_checkpoint
 
@@ -25,23 +26,12 @@ HARMLESS = ("log.", "bench.", "eval.split", "task", "resume", "checkpoint", "ini
             "predict.", "export.", "explain.", "inputs")
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _in(key: str, patterns: tuple) -> bool:
     """key is one of the patterns, or under one ending in '.'."""
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
-def config_changes(old: dict, new: dict) -> tuple:
+def resume_changes(old: dict, new: dict) -> tuple:
     """(refused, other) lists of 'key: old -> new' between a checkpoint's config and the resuming one;
     harmless keys are left out of both."""
     a, b = flatten(old), flatten(new)
@@ -49,17 +39,21 @@ def config_changes(old: dict, new: dict) -> tuple:
     defaults = flatten(asdict(Config()))
     a = {**{k: v for k, v in defaults.items() if k in b and k not in a}, **a}
     refused, other = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") == b.get(key, "<unset>") or _in(key, HARMLESS):
+    for key, now, was in sorted(config_changes(b, a), key=lambda change: change[0]):
+        if _in(key, HARMLESS):
             continue
-        line = f"{key}: {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}"
+        line = f"{key}: {_shown(was)} -> {_shown(now)}"
         (refused if _in(key, REFUSED) else other).append(line)
     return refused, other
 
 
+def _shown(value: object) -> str:
+    return "<unset>" if value is UNSET else str(value)
+
+
 def check_resume_config(old: dict, new: dict, source: str) -> list:
     """Raise ConfigError if the resume changes the model or the data; return the other changes (to warn about)."""
-    refused, other = config_changes(old, new)
+    refused, other = resume_changes(old, new)
     if refused:
         raise ConfigError(f"resume: this config changes the model or the data of {source} ({'; '.join(refused)}); "
                           "resume with the run's own settings, or start a new run (init_from=... takes its weights)")
@@ -72,7 +66,7 @@ def check_resume_data(saved: dict, now: dict, source: str) -> None:
              if saved.get(k) != now.get(k)]
     diffs += [f"{k}: differs" for k in ("mean", "std")
               if saved.get(k) is not None and now.get(k) is not None
-              and max(abs(a - b) for a, b in zip(saved[k], now[k])) > 1e-6]
+              and max(abs(a - b) for a, b in zip(saved[k], now[k], strict=False)) > 1e-6]
     if diffs:
         raise UserError(f"resume: the data differs from what {source} was trained on ({'; '.join(diffs)}); "
                         "resume with the same data, or start a new run")

@@ -24,13 +24,21 @@ checked by checkpoint.load_checkpoint) holds, and a resume puts back:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
 
 from cbam_train.config.errors import ConfigError
-from cbam_train.state.weights import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_strict, strip_wrapper_prefixes
+from cbam_train.state.weights import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    cpu_snapshot,
+    load_strict,
+    strip_wrapper_prefixes,
+)
 from cbam_train.training.engine import EpochState
 from cbam_train.training.rng import restore_rng
 
@@ -82,6 +90,22 @@ class RunState:
     def stage_rows(self, name: str) -> list:
         """The metrics rows of one stage so far."""
         return [r for r in self.history if r["stage_name"] == name]
+
+    def keep_stage_best(self, stage_name: str, epoch: int, model: nn.Module, ema: Any) -> None:
+        """CPU copies of the weights (and EMA's) of a restore_best plateau stage's best epoch so far."""
+        self.stage_best = {"stage_name": stage_name, "epoch": epoch, "model": cpu_snapshot(model.state_dict()),
+                           "ema": cpu_snapshot(ema.state_dict()) if ema is not None else None}
+
+    def take_stage_best(self, stage_name: str, last_epoch: int, model: nn.Module, ema: Any) -> Optional[int]:
+        """At a stage's end: put its best epoch's weights back when that was not its last epoch; return that
+        epoch (None: nothing restored). The copy is dropped either way."""
+        best, self.stage_best = self.stage_best, None
+        if best is None or best["stage_name"] != stage_name or best["epoch"] == last_epoch:
+            return None
+        model.load_state_dict(best["model"])
+        if ema is not None and best["ema"] is not None:
+            ema.load_state_dict(best["ema"])
+        return best["epoch"]
 
     def stage_done(self, stage: Any) -> bool:
         """Whether a stage has ended: on a plateau, or after its `epochs` (which a resume may have raised)."""
@@ -201,3 +225,28 @@ def normalisation(meta: Optional[dict]) -> Optional[tuple]:
     if meta is None or not meta.get("data"):
         return None
     return meta["data"]["mean"], meta["data"]["std"]
+
+
+def saved_overrides(meta: Optional[dict]) -> list:
+    """The command-line overrides a checkpoint's run was started with ([] for a file without them)."""
+    return [str(o) for o in (meta or {}).get("overrides", [])]
+
+
+def trained_with(path: Path, meta: Optional[dict]) -> tuple:
+    """((mean, std), classes) the weights in `path` were trained with: from the checkpoint's data, else from the
+    summary.json beside a model.pt; (None, None) and None where neither says."""
+    summary = _summary_beside(path)
+    saved = normalisation(meta)
+    norm = saved if saved is not None else (summary.get("data_mean"), summary.get("data_std"))
+    data = (meta or {}).get("data") or {}
+    classes = data.get("classes") or summary.get("classes")
+    return norm, (list(classes) if classes else None)
+
+
+def _summary_beside(path: Path) -> dict:
+    summary = path.parent / "summary.json"
+    try:
+        loaded = json.loads(summary.read_text()) if summary.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}

@@ -18,7 +18,8 @@ def check_run_dir(run_dir: Path, files: tuple = RUN_FILES, resuming: bool = Fals
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"run dir {run_dir} cannot be created ({e.strerror}); choose another with hydra.run.dir=PATH")
+        raise UserError(f"run dir {run_dir} cannot be created ({e.strerror}); "
+                        "choose another with hydra.run.dir=PATH") from None
     taken = [f for f in files + (".hydra",) if (run_dir / f).exists()]
     if taken and not resuming:
         raise UserError(f"run dir {run_dir} already holds a run ({', '.join(taken)}); "
@@ -28,7 +29,8 @@ def check_run_dir(run_dir: Path, files: tuple = RUN_FILES, resuming: bool = Fals
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"run dir {run_dir} is not writable ({e.strerror}); choose another with hydra.run.dir=PATH")
+        raise UserError(f"run dir {run_dir} is not writable ({e.strerror}); "
+                        "choose another with hydra.run.dir=PATH") from None
 
 
 def claim_run_dir(run_dir: Path, record: Optional[dict], required: tuple, resume: Optional[Resume],

@@ -7,20 +7,20 @@ import itertools
 import platform
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from rich.table import Table
 
-from cbam_train.config.schema import Config
+from cbam_train.config.schema import BenchConfig, Config
 from cbam_train.config.tasks import JobInfo
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_json_atomic
-from cbam_train.training.device import compile_for_stage, setup_device
+from cbam_train.training.device import Amp, setup_device
 from cbam_train.training.engine import EpochSetup, backward_step, evaluate, forward_loss, train_one_epoch
-from cbam_train.training.optim import build_optimizer
-from cbam_train.training.schedule import apply_stage, param_groups
+from cbam_train.training.session import StageParts, build_stage
 from cbam_train.training.startup import prepare_data, start_run
 
 
@@ -92,90 +92,28 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     amp = setup_device(model, cfg.device, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bs = cfg.data.batch_size
     out: dict = {"device": str(device), "device_name": _device_name(device), "precision": amp.name,
                  "channels_last": amp.memory_format == torch.channels_last, "compile": cfg.device.compile,
-                 "loader": loaders.kind, "batch_size": bs, "eval_batch_size": cfg.data.eval_batch_size,
-                 "train_images": len(splits.train), "torch": torch.__version__,
-                 "date": dt.date.today().isoformat()}
-
-    augment_rate: Optional[float] = None
-    if loaders.augment is not None:  # the batched augmentation alone, on the loader's chunks already on the device
-        x = loaders.train.images[:loaders.train.chunk]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        augment_rate = images_per_s(lambda: loaders.augment(x, gen).shape[0], **budget)
-    out["augment_images_per_s"] = augment_rate
-
-    it = iter(loaders.train)
-
-    def next_batch():  # endless batches: a new epoch (new order, new augmentation draws) when one ends
-        nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            it = iter(loaders.train)
-            return next(it)
-
-    def load_one() -> int:
-        x, y = next_batch()
-        x.to(device, non_blocking=True)
-        return y.shape[0]
-
-    out["loader_images_per_s"] = images_per_s(load_one, **budget)
-
-    # a fixed set of ready, full batches, so training and the bare loop see identical work of one shape
-    ready: list = []
-    for _ in range(2 * len(loaders.train)):
-        x, y = next_batch()
-        if y.shape[0] == bs or len(splits.train) < bs:
-            ready.append((x.to(device), y.to(device)))
-        if len(ready) == min(8, len(loaders.train)):
-            break
-    out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
-    rounds = 3  # alternate loop and bare measurements and keep each one's best: noise lands on neither side
+                 "loader": loaders.kind, "batch_size": cfg.data.batch_size,
+                 "eval_batch_size": cfg.data.eval_batch_size, "train_images": len(splits.train),
+                 "torch": torch.__version__, "date": dt.date.today().isoformat()}
+    out["augment_images_per_s"] = _augment_rate(loaders, cfg.seed, budget)
+    batches = _Endless(loaders.train)
+    out["loader_images_per_s"] = images_per_s(lambda: batches.load_one(device), **budget)
+    ready = _ready_batches(batches, device, cfg.data.batch_size, len(splits.train))
     quiet = EpochSetup(device, amp, where="bench")  # no progress, one host sync per call
-    for stage in stages:
-        apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
-        step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
-        opt = build_optimizer(param_groups(model, stage), cfg.optim, stage.lr)
-        per_call = 1  # batches per timed call, set below so that one call takes a fraction of the budget
-
-        def loop_step() -> int:  # the real training loop (device-side sums, one sync per call) on ready batches
-            return train_one_epoch(step_model, _Batches(ready, per_call), opt, quiet).n
-
-        def bare_step() -> int:  # forward/backward/step only, the same batches
-            n = 0
-            step_model.train()
-            for x, y in itertools.islice(itertools.cycle(ready), per_call):
-                backward_step(forward_loss(step_model, x, y, amp)[1], opt, amp)
-                n += y.shape[0]
-            return n
-
-        per_call = len(ready)  # warm up once on every ready batch: allocations, optimizer state, cuDNN, compile
-        bare_step()
-        per_call = 1
-        for _ in range(b.warmup_steps - 1):
-            bare_step()
-        _sync(device)
-        t0 = time.perf_counter()
-        bare_step()
-        _sync(device)
-        step_s = time.perf_counter() - t0
-        per_call = max(1, min(b.max_steps, int(b.seconds / rounds / 4 / max(step_s, 1e-6))))
-        chunk = dict(budget, seconds=b.seconds / rounds, max_steps=max(1, b.max_steps // per_call), warmup=0)
-        loop_rates, bare_rates = [], []
-        for _ in range(rounds):
-            loop_rates.append(images_per_s(loop_step, **chunk))
-            bare_rates.append(images_per_s(bare_step, **chunk))
-        out["train_images_per_s"][stage.name] = max(loop_rates)
-        out["bare_step_images_per_s"][stage.name] = max(bare_rates)
+    out["train_images_per_s"], out["bare_step_images_per_s"] = {}, {}
+    for stage in stages:  # each stage as training opens it: its trainable set, param groups, optimizer, compile
+        parts = build_stage(model, stage, cfg)
+        timing = _time_stage(parts, ready, amp, quiet, b, budget)
+        out["train_images_per_s"][stage.name] = timing.loop
+        out["bare_step_images_per_s"][stage.name] = timing.bare
     last = stages[-1].name
 
     def end_to_end() -> int:  # the last stage's loop fed by the real input pipeline, as in training
-        stream = _Stream(next_batch, per_call)
-        return train_one_epoch(step_model, stream, opt, quiet).n
+        return train_one_epoch(parts.step_model, _Stream(batches.next, timing.per_call), parts.optimizer, quiet).n
 
-    out["train_end_to_end_images_per_s"] = images_per_s(end_to_end, **chunk)
+    out["train_end_to_end_images_per_s"] = images_per_s(end_to_end, **timing.chunk)
     out["loop_overhead_pct"] = 100 * (out["bare_step_images_per_s"][last] / out["train_images_per_s"][last] - 1)
 
     eval_ready = [tuple(t.to(device) for t in batch) for batch in itertools.islice(loaders.val, 1)]
@@ -185,6 +123,94 @@ def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, dev
     write_json_atomic(run_dir / "bench.json", out)
     _print_table(rep, out)
     return out
+
+
+def _augment_rate(loaders: Any, seed: int, budget: dict) -> Optional[float]:
+    """The batched augmentation alone, on the loader's chunks already on the device (None: no batched loader)."""
+    if loaders.augment is None:
+        return None
+    x = loaders.train.images[:loaders.train.chunk]
+    gen = torch.Generator(device=budget["device"]).manual_seed(seed)
+    return images_per_s(lambda: loaders.augment(x, gen).shape[0], **budget)
+
+
+class _Endless:
+    """Endless batches from a loader: a new epoch (new order, new augmentation draws) when one ends."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader, self.it = loader, iter(loader)
+
+    def next(self) -> tuple:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def load_one(self, device: torch.device) -> int:
+        x, y = self.next()
+        x.to(device, non_blocking=True)
+        return y.shape[0]
+
+
+def _ready_batches(batches: _Endless, device: torch.device, batch_size: int, n_train: int) -> list:
+    """A fixed set of ready, full batches on the device, so training and the bare loop see identical work of
+    one shape (up to 8, from at most two epochs)."""
+    per_epoch = len(batches.loader)  # type: ignore[arg-type]
+    ready: list = []
+    for _ in range(2 * per_epoch):
+        x, y = batches.next()
+        if y.shape[0] == batch_size or n_train < batch_size:
+            ready.append((x.to(device), y.to(device)))
+        if len(ready) == min(8, per_epoch):
+            break
+    return ready
+
+
+@dataclass
+class _StageTiming:
+    loop: float  # images/s of the real training loop on the ready batches
+    bare: float  # images/s of forward/backward/step alone, the same batches
+    per_call: int  # batches per timed call
+    chunk: dict  # the budget of one measurement (images_per_s's keywords)
+
+
+def _time_stage(parts: StageParts, ready: list, amp: Amp, quiet: EpochSetup, b: BenchConfig, budget: dict,
+                rounds: int = 3) -> _StageTiming:
+    """The stage's training loop against bare steps; `rounds` alternating measurements of each, the best of
+    each kept, so that noise lands on neither side."""
+    step_model, opt = parts.step_model, parts.optimizer
+    per_call = 1  # batches per timed call, set below so that one call takes a fraction of the budget
+
+    def loop_step() -> int:  # the real training loop (device-side sums, one sync per call) on ready batches
+        return train_one_epoch(step_model, _Batches(ready, per_call), opt, quiet).n
+
+    def bare_step() -> int:  # forward/backward/step only, the same batches
+        n = 0
+        step_model.train()
+        for x, y in itertools.islice(itertools.cycle(ready), per_call):
+            backward_step(forward_loss(step_model, x, y, amp)[1], opt, amp)
+            n += y.shape[0]
+        return n
+
+    device = budget["device"]
+    per_call = len(ready)  # warm up once on every ready batch: allocations, optimizer state, cuDNN, compile
+    bare_step()
+    per_call = 1
+    for _ in range(b.warmup_steps - 1):
+        bare_step()
+    _sync(device)
+    t0 = time.perf_counter()
+    bare_step()
+    _sync(device)
+    step_s = time.perf_counter() - t0
+    per_call = max(1, min(b.max_steps, int(b.seconds / rounds / 4 / max(step_s, 1e-6))))
+    chunk = dict(budget, seconds=b.seconds / rounds, max_steps=max(1, b.max_steps // per_call), warmup=0)
+    loop_rates, bare_rates = [], []
+    for _ in range(rounds):
+        loop_rates.append(images_per_s(loop_step, **chunk))
+        bare_rates.append(images_per_s(bare_step, **chunk))
+    return _StageTiming(max(loop_rates), max(bare_rates), per_call, chunk)
 
 
 def _device_name(device: torch.device) -> str:

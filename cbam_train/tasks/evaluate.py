@@ -4,7 +4,6 @@ accuracy, loss, per-class accuracy and the confusion matrix to the console and e
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +21,7 @@ from cbam_train.reporting.charts import safe_draw
 from cbam_train.reporting.pictures import draw_confusion, draw_top_losses
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_json_atomic
-from cbam_train.state.run_state import ema_weights, normalisation
+from cbam_train.state.run_state import ema_weights, trained_with
 from cbam_train.state.rundir import check_run_dir, write_record
 from cbam_train.state.weights import load_strict, read_weights
 from cbam_train.training.device import available_cpus, resolve_device, setup_device
@@ -30,21 +29,6 @@ from cbam_train.training.engine import evaluate
 
 EVAL_FILES = ("eval.json", "confusion.png", "top_losses.png", "train.log")
 TOP_LOSSES = 16  # images in top_losses.png, as fastai's plot_top_losses shows by default (k=9) and a 4x4 grid fits
-
-
-def saved_normalisation(path: Path, ckpt: Optional[dict]) -> tuple:
-    """(mean, std) the model was trained with: from the checkpoint, or the summary.json beside a model.pt."""
-    saved = normalisation(ckpt)
-    if saved is not None:
-        return saved
-    summary = path.parent / "summary.json"
-    if summary.is_file():
-        try:
-            s = json.loads(summary.read_text())
-            return s.get("data_mean"), s.get("data_std")
-        except (OSError, ValueError):
-            pass
-    return None, None
 
 
 def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Optional[JobInfo] = None) -> dict:
@@ -64,7 +48,7 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Opt
     rep = Reporter(run_dir, cfg.log.mode)
     try:
         data_cfg = cfg.data
-        mean, std = saved_normalisation(path, ckpt)
+        (mean, std), _ = trained_with(path, ckpt)
         if data_cfg.mean is None and data_cfg.std is None and mean and std:
             data_cfg = dataclasses.replace(data_cfg, mean=list(mean), std=list(std))
         splits = build_splits(data_cfg, cfg.seed, cfg.model.num_classes, warn=rep.warn)
@@ -83,7 +67,7 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Opt
             shutdown_workers(loader)
         confusion = res["confusion"]
         per_class = {c: (row[i] / sum(row) if sum(row) else None)
-                     for i, (c, row) in enumerate(zip(splits.classes, confusion))}
+                     for i, (c, row) in enumerate(zip(splits.classes, confusion, strict=True))}
         out = {"checkpoint": str(path), "split": cfg.eval.split, "data": cfg.data.name, "n": res["n"],
                "accuracy": res["acc"], "loss": res["loss"], "per_class": per_class, "classes": list(splits.classes),
                "confusion": confusion, "weights": weights, "flip_tta": cfg.eval.flip_tta, "device": str(device),
@@ -139,7 +123,7 @@ def eval_tables(out: dict) -> Table:
     t.add_column("acc", justify="right")
     for i in range(len(classes)):
         t.add_column(str(i), justify="right")
-    for i, (c, row) in enumerate(zip(classes, out["confusion"])):
+    for i, (c, row) in enumerate(zip(classes, out["confusion"], strict=True)):
         acc = out["per_class"][c]
         t.add_row(f"{i} {c}", "n/a" if acc is None else f"{100 * acc:.1f}%", *map(str, row))
     return t

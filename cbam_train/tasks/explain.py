@@ -65,7 +65,7 @@ def attention_report(model: nn.Module, picked: ImageSet, classes: list, norm: tu
     pred = att.pred.cpu()
     summary["images"] = [{"position": pos, "true": classes[int(t)], "pred": classes[int(p)],
                           "prob": float(probs[i, p])}
-                         for i, (pos, t, p) in enumerate(zip(picked.positions, picked.labels, pred))]
+                         for i, (pos, t, p) in enumerate(zip(picked.positions, picked.labels, pred, strict=True))]
     size = tuple(picked.images.shape[-2:])
     drawing = {"images": picked.images.cpu(),
                "titles": [f"{r['true']}\n-> {r['pred']} {r['prob']:.2f}" for r in summary["images"]],

@@ -159,7 +159,7 @@ def run_export(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: O
             raise ExportError(f"export.format={fmt}: the exported model's logits differ from PyTorch's by "
                               f"{check['max_abs_logit_diff']:.3g} (> tolerance {check['tolerance']:.3g}) on "
                               f"{check['check_images']} validation images; {name} removed")
-        meta = {"file": name, "format": fmt, "classes": trained.classes, "image_size": size,
+        model_json = {"file": name, "format": fmt, "classes": trained.classes, "image_size": size,
                 "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
                           "channels": "RGB", "batch": "dynamic"},
                 "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
@@ -167,11 +167,11 @@ def run_export(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: O
                 "source_checkpoint": str(trained.source), "weights": trained.weights,
                 "model": dataclasses.asdict(cfg.model), "torch_version": torch.__version__, **check}
         if fmt == "onnx":
-            meta["opset"] = cfg.export.opset
-        write_json_atomic(run_dir / "model.json", meta)
+            model_json["opset"] = cfg.export.opset
+        write_json_atomic(run_dir / "model.json", model_json)
         rep.print(f"exported {trained.source} -> {out} ({out.stat().st_size / 2**20:.1f} MiB) and "
                   f"{run_dir / 'model.json'} in {time.perf_counter() - t0:.1f} s", quiet_too=True)
-        return meta
+        return model_json
     except UserError as e:
         rep.log_only(f"error: {e}")
         raise

@@ -21,10 +21,9 @@ from cbam_train.reporting.charts import draw_lr_find
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_json_atomic
 from cbam_train.training import distributed
-from cbam_train.training.device import Amp, compile_for_stage, setup_device
+from cbam_train.training.device import Amp, setup_device
 from cbam_train.training.engine import accumulate, forward_loss, optimizer_step
-from cbam_train.training.optim import build_optimizer
-from cbam_train.training.schedule import apply_stage, param_groups
+from cbam_train.training.session import build_stage
 from cbam_train.training.startup import Started, load_weights, prepare_data, start_run
 
 LR_FIND_FILES = ("lr_find.json", "lr_find.png", "train.log")
@@ -79,8 +78,8 @@ class SweepResult:
     stop: Optional[dict] = None  # {"step" (1-based), "lr", "reason": diverged | non-finite, ...}; None: all steps
 
 
-def sweep(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, lrs: Sequence[float],
-          setup: SweepSetup) -> SweepResult:
+def range_test(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, lrs: Sequence[float],
+               setup: SweepSetup) -> SweepResult:
     """One optimizer step per lr, on accumulate_steps batches and clipped as training steps: the loss is
     measured before the update it drives (as fastai records it), smoothed by a bias-corrected EMA; stop once
     that exceeds diverge_factor x its best so far."""
@@ -194,10 +193,8 @@ def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:
         # as a training run opens this stage: its initial weights, device and precision, trainable set, optimizer
         load_weights(cfg, model, [stage], rep)
         amp = setup_device(model, cfg.device, device)
-        apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
-        groups = param_groups(model, stage)
-        optimizer = build_optimizer(groups, cfg.optim, stage.lr)
-        step_model = compile_for_stage(model, cfg.device) if cfg.device.compile else model
+        parts = build_stage(model, stage, cfg)
+        groups = parts.groups
         rep.banner(f"lr_find: stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}', {f.steps} steps, "
                    f"lr {f.min_lr:.1e} -> {f.max_lr:.1e}, training {', '.join(stage.trainable)}")
         if len(groups) > 1:
@@ -211,8 +208,8 @@ def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:
             setup = SweepSetup(device, amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing,
                                accumulate_steps=cfg.train.accumulate_steps, grad_clip_norm=cfg.train.grad_clip_norm,
                                on_step=on_step)
-            result = sweep(step_model, endless(loaders.train), optimizer, lr_schedule(f.min_lr, f.max_lr, f.steps),
-                           setup)
+            result = range_test(parts.step_model, endless(loaders.train), parts.optimizer,
+                                lr_schedule(f.min_lr, f.max_lr, f.steps), setup)
     finally:
         loaders.close()
     if not any(s is not None for s in result.smoothed):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,10 +23,9 @@ from cbam_train.data.imagefolder import IMAGE_EXTENSIONS, decode_image
 from cbam_train.models import build_model
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_text_atomic
-from cbam_train.state.run_state import ema_weights
+from cbam_train.state.run_state import ema_weights, trained_with
 from cbam_train.state.rundir import check_run_dir, write_record
 from cbam_train.state.weights import load_strict, read_weights
-from cbam_train.tasks.evaluate import saved_normalisation
 from cbam_train.training.device import resolve_device, setup_device
 
 PREDICT_FILES = ("predictions.csv", "train.log")
@@ -55,27 +53,17 @@ def load_trained(cfg: Config, warn: Callable[[str], None] = lambda s: None) -> T
     model = build_model(cfg.model)
     load_strict(model, ema if ema is not None else state, what)
     model.eval()
-    saved_mean, saved_std = saved_normalisation(path, ckpt)
+    (saved_mean, saved_std), saved_classes = trained_with(path, ckpt)
     mean, std = cfg.data.mean or saved_mean, cfg.data.std or saved_std
     if not mean or not std:
         raise PredictError(f"{what}: no normalisation found (neither in the file nor in a summary.json beside it); "
                            "pass the training run's data.mean=[R,G,B] data.std=[R,G,B]")
-    classes = _saved_classes(path, ckpt)
+    classes = saved_classes
     if classes is None or len(classes) != cfg.model.num_classes:
         classes = [str(i) for i in range(cfg.model.num_classes)]
         warn(f"{what}: no class names found (neither in the file nor in a summary.json beside it); "
              "classes are named by index")
     return Trained(model, list(classes), list(mean), list(std), "ema" if ema is not None else "model", path)
-
-
-def _saved_classes(path: Path, ckpt: Optional[dict]) -> Optional[list]:
-    if ckpt is not None and ckpt.get("data") and ckpt["data"].get("classes"):
-        return list(ckpt["data"]["classes"])
-    summary = path.parent / "summary.json"
-    try:
-        return json.loads(summary.read_text()).get("classes") if summary.is_file() else None
-    except (OSError, ValueError):
-        return None
 
 
 def find_inputs(spec: str) -> list:
@@ -138,7 +126,7 @@ def predictions_csv(rows: list, top_k: int) -> str:
     writer.writerow(["path", "pred", "prob"] + [f"top{i}{s}" for i in range(1, top_k + 1) for s in ("", "_prob")]
                     + ["error"])
     for r in rows:
-        tops = [v for c, p in zip(r["classes"], r["probs"]) for v in (c, f"{p:.6f}")]
+        tops = [v for c, p in zip(r["classes"], r["probs"], strict=True) for v in (c, f"{p:.6f}")]
         head = [r["classes"][0], f"{r['probs'][0]:.6f}"] if r["classes"] else ["", ""]
         writer.writerow([r["path"], *head, *(tops or [""] * (2 * top_k)), r["error"]])
     return out.getvalue()
@@ -190,7 +178,7 @@ def rows_table(rows: list, total: int) -> Table:
     for col in ("path", "pred", "prob", "top-k", "error"):
         t.add_column(col, justify="right" if col == "prob" else "left")
     for r in rows:
-        rest = ", ".join(f"{c} {p:.2f}" for c, p in zip(r["classes"][1:], r["probs"][1:]))
+        rest = ", ".join(f"{c} {p:.2f}" for c, p in zip(r["classes"][1:], r["probs"][1:], strict=True))
         t.add_row(r["path"], r["classes"][0] if r["classes"] else "",
                   f"{r['probs'][0]:.3f}" if r["probs"] else "", rest, r["error"])
     return t

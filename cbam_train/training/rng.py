@@ -34,7 +34,7 @@ def restore_rng(state: dict, loader_generators: tuple = ()) -> None:
     if len(state["loader"]) != len(loader_generators):
         raise UserError(f"resume: the checkpoint holds {len(state['loader'])} data generator state(s), this run has "
                         f"{len(loader_generators)}; resume with the same data.loader and number of processes")
-    for generator, saved in zip(loader_generators, state["loader"]):
+    for generator, saved in zip(loader_generators, state["loader"], strict=False):
         try:
             generator.set_state(saved)
         except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and the other way round

@@ -1,5 +1,7 @@
-"""The objects of a training run once it is set up (Run), and of one stage (StageSession: optimizer, lr
-schedule, the DDP wrapper and compiled model the steps call), opened by open_stage."""
+"""The objects of a training run once it is set up (Run), and of one stage: `build_stage` (unfreeze, param
+groups, optimizer, the DDP wrapper and compiled model the steps call), the one builder that training,
+task=bench and task=lr_find share, and `open_stage` (training's StageSession: that plus the lr schedule, a
+resumed stage's state and how its epochs run)."""
 
 from __future__ import annotations
 
@@ -62,17 +64,36 @@ class StageSession:
     setup: EpochSetup
 
 
-def open_stage(run: Run, stage: Stage) -> StageSession:
-    """Unfreeze the stage's modules; a fresh optimizer and lr schedule over them (a resumed stage's state put
-    back); a new DDP wrapper and compiled graph, which both fix the trainable parameters when they are built."""
-    cfg = run.cfg
-    apply_stage(run.model, stage.trainable, cfg.schedule.freeze_bn)
-    optimizer = build_optimizer(param_groups(run.model, stage), cfg.optim, stage.lr)
-    scheduler = stage_scheduler(optimizer, stage,
-                                optimizer_steps_per_epoch(len(run.loaders.train), cfg.train.accumulate_steps))
-    run.state.restore_stage(stage.name, optimizer, scheduler, str(run.resumed_from))
-    step_model = distributed.wrap(run.model, run.dist, run.device)
+@dataclass
+class StageParts:
+    """What a stage's steps work with, as `build_stage` makes it."""
+
+    groups: list  # schedule.param_groups: the optimizer's groups, each with its lr_mult and modules
+    optimizer: torch.optim.Optimizer
+    step_model: nn.Module  # what the steps call: the model, DDP-wrapped and/or compiled for the stage's parameters
+
+
+def build_stage(model: nn.Module, stage: Stage, cfg: Config, dist: Dist = Dist(),
+                device: Optional[torch.device] = None) -> StageParts:
+    """Unfreeze the stage's modules; an optimizer over its param groups (each lr = stage lr x lr_mult); a new
+    DDP wrapper (data-parallel runs) and compiled graph (device.compile), both built after the unfreeze since
+    they fix the trainable parameters when they are built."""
+    apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
+    groups = param_groups(model, stage)
+    optimizer = build_optimizer(groups, cfg.optim, stage.lr)
+    step_model = distributed.wrap(model, dist, device) if device is not None else model
     step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
+    return StageParts(groups, optimizer, step_model)
+
+
+def open_stage(run: Run, stage: Stage) -> StageSession:
+    """The stage's parts (`build_stage`), its lr schedule, a resumed stage's optimizer and schedule state put
+    back, how its epochs run; the stage's banner."""
+    cfg = run.cfg
+    parts = build_stage(run.model, stage, cfg, run.dist, run.device)
+    scheduler = stage_scheduler(parts.optimizer, stage,
+                                optimizer_steps_per_epoch(len(run.loaders.train), cfg.train.accumulate_steps))
+    run.state.restore_stage(stage.name, parts.optimizer, scheduler, str(run.resumed_from))
     setup = EpochSetup(run.device, run.amp, every_n_steps=cfg.log.every_n_steps, nan_policy=cfg.train.nan_policy,
                        label_smoothing=cfg.train.label_smoothing, scheduler=scheduler, ema=run.ema,
                        should_stop=run.stopper.after_step, checkpoint_every=cfg.train.checkpoint_every_n_steps,
@@ -82,4 +103,4 @@ def open_stage(run: Run, stage: Stage) -> StageSession:
         f"up to {stage.epochs} epoch(s), until {stage.plateau.metric} plateaus (patience {stage.plateau.patience})")
     run.rep.banner(f"stage {stage.index}/{len(cfg.schedule.stages)} '{stage.name}': {length}, "
                    f"lr {stage.lr:.2e}, training {', '.join(stage.trainable)}")
-    return StageSession(stage, optimizer, scheduler, step_model, setup)
+    return StageSession(stage, parts.optimizer, scheduler, parts.step_model, setup)

@@ -14,12 +14,13 @@ from torch import nn
 
 from cbam_train.config.errors import UserError, WeightsError
 from cbam_train.config.schema import Config
+from cbam_train.config.view import flatten
 from cbam_train.data.datasets import build_splits
 from cbam_train.data.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.reporting.reporter import Reporter, check_tensorboard
 from cbam_train.reporting.tracking import MlflowTracker
-from cbam_train.state.resume import Resume, flatten
+from cbam_train.state.resume import Resume
 from cbam_train.state.rundir import RUN_FILES, claim_run_dir
 from cbam_train.state.weights import load_initial_weights, load_state_dict_file, load_strict
 from cbam_train.training import distributed

@@ -173,7 +173,8 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
     val = distributed.broadcast(val, run.dist)  # each rank's BatchNorm statistics differ: rank 0's numbers decide
     stage = session.stage
     row = {"epoch": epoch, "stage": stage.index, "stage_name": stage.name,
-           "lr": result.lr if result.lr is not None else stage_lr(session.optimizer), "train_loss": result.loss, "train_acc": result.acc,
+           "lr": result.lr if result.lr is not None else stage_lr(session.optimizer),
+           "train_loss": result.loss, "train_acc": result.acc,
            "val_loss": val["loss"], "val_acc": val["acc"], "skipped_batches": result.skipped,
            "epoch_time_s": round(result.time_s, 4), "train_images_per_s": round(result.n / result.time_s, 2)}
     if run.cfg.train.grad_clip_norm is not None:
@@ -199,22 +200,16 @@ def keep_stage_best(run: Run, stage: Stage) -> None:
     """After an epoch of a restore_best plateau stage: a CPU copy of the weights if this epoch is its best."""
     rows = run.state.stage_rows(stage.name)
     if plateau.best_so_far(rows, stage.plateau)[1] == rows[-1]["epoch"]:
-        run.state.stage_best = {"stage_name": stage.name, "epoch": rows[-1]["epoch"],
-                                "model": cpu_snapshot(run.model.state_dict()),
-                                "ema": cpu_snapshot(run.ema.state_dict()) if run.ema is not None else None}
+        run.state.keep_stage_best(stage.name, rows[-1]["epoch"], run.model, run.ema)
 
 
 def end_stage(run: Run, stage: Stage, why: str) -> None:
     """Say why the stage ended; with restore_best, put its best weights back (before the next stage or test)."""
     rows = run.state.stage_rows(stage.name)
-    reason = plateau.describe(rows, stage.plateau) if why == "plateau" else f"its maximum of {stage.epochs} epoch(s) ran"
-    best, run.state.stage_best = run.state.stage_best, None
-    restored = ""
-    if best is not None and best["stage_name"] == stage.name and best["epoch"] != rows[-1]["epoch"]:
-        run.model.load_state_dict(best["model"])
-        if run.ema is not None and best["ema"] is not None:
-            run.ema.load_state_dict(best["ema"])
-        restored = f"; restored the weights of epoch {best['epoch']}"
+    reason = (plateau.describe(rows, stage.plateau) if why == "plateau"
+              else f"its maximum of {stage.epochs} epoch(s) ran")
+    best_epoch = run.state.take_stage_best(stage.name, rows[-1]["epoch"], run.model, run.ema)
+    restored = f"; restored the weights of epoch {best_epoch}" if best_epoch is not None else ""
     if stage.plateau is not None:  # a stage without one ends where the schedule table said
         run.rep.print(f"stage '{stage.name}' ended at epoch {rows[-1]['epoch']} after {len(rows)} epoch(s): "
                       f"{reason}{restored}")
