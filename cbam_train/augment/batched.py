@@ -49,7 +49,7 @@ def crop(x: Tensor, top: Tensor, left: Tensor, padding: int, size: Optional[int]
 
     top, left: (B,) integer offsets into the padded image, in [0, H + 2 * padding - size]; not checked.
     """
-    return _crop_flip(x, top, left, padding, tuple(x.shape[-2:]) if size is None else (size, size), None)
+    return _crop_flip(x, top, left, padding, (x.shape[-2], x.shape[-1]) if size is None else (size, size), None)
 
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:

@@ -254,7 +254,7 @@ class Erasing:
 
     def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
         self.size = image_size
-        self.erase: Optional[tuple] = None
+        self.erase: Optional[tuple[tuple, tuple, float, float]] = None  # scale, ratio, p, fill value
         if cfg.erase.enabled and cfg.erase.p > 0:
             e = cfg.erase
             self.erase = (tuple(e.scale), tuple(e.ratio), e.p, e.value)
@@ -273,6 +273,7 @@ class Erasing:
 
     def apply(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
         if "erase_box" in params:
+            assert self.erase is not None  # sample() draws erase boxes only when erasing is on
             erase(x, params["erase_box"], self.erase[3])
         if "cutout_box" in params:
             erase(x, params["cutout_box"], 0.0)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -90,6 +90,12 @@ def with_recorded_overrides(args: list) -> list:
 PRESET_GROUPS = ("experiment", "hparams_search")  # groups that change other groups' values
 
 
+def _resolved(cfg: DictConfig) -> dict:
+    """cfg as plain dicts and lists, interpolations resolved."""
+    # cast: to_container's return type covers every node kind (a ListConfig's list, ...); a DictConfig gives a dict
+    return cast(dict, OmegaConf.to_container(cfg, resolve=True))
+
+
 def default_config(choices: dict) -> dict:
     """The config the chosen groups give with no preset and no overrides, resolved, as plain containers."""
     from hydra import compose, initialize_config_dir
@@ -97,9 +103,9 @@ def default_config(choices: dict) -> dict:
 
     overrides = [f"{group}={choice}" for group, choice in choices.items() if group not in PRESET_GROUPS]
     if GlobalHydra.instance().is_initialized():  # inside @hydra.main (and a launcher's job that restored it)
-        return OmegaConf.to_container(compose("config", overrides), resolve=True)
+        return _resolved(compose("config", overrides))
     with initialize_config_dir(str(find_conf_dir()), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides), resolve=True)
+        return _resolved(compose("config", overrides))
 
 
 def config_view(dcfg: DictConfig, run_dir: Path, overrides: list, resume: Optional[str]) -> ConfigView:
@@ -117,7 +123,7 @@ def config_view(dcfg: DictConfig, run_dir: Path, overrides: list, resume: Option
             source = run_dir_of(Path(resume).expanduser().resolve())
             recorded = recorded_overrides(source, None) if source is not None else []
             view.from_run = [o for o in view.overrides if o in recorded]
-        view.changed = config_changes(OmegaConf.to_container(dcfg, resolve=True), default_config(choices))
+        view.changed = config_changes(_resolved(dcfg), default_config(choices))
     except Exception as e:  # noqa: BLE001 - a view of the config must never stop the run it describes
         view.warning = (f"log.show_config=compact: could not compare with the default config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); showing the overrides only")
@@ -128,7 +134,8 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list, job: JobInfo) -> Opti
     """Validate the composed config and run its task; return the value of `optimized_metric` (None when the
     task did not measure it). Errors propagate (see outcome())."""
     try:
-        cfg: Config = validate(OmegaConf.to_object(dcfg))
+        # cast: to_object's return type covers every node kind; a structured config gives its dataclass, Config
+        cfg: Config = validate(cast(Config, OmegaConf.to_object(dcfg)))
     except MissingMandatoryValue as e:
         raise UserError(f"config: {e.full_key} is required; set {e.full_key}=...") from None
     except OmegaConfBaseException as e:

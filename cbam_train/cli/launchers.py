@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import Mapping, Optional
 
 # MASTER_PORT from the job's own id (SLURM_JOB_ID: unique per array task), so the tasks of one job agree without
 # talking; below Linux's ephemeral range (32768-60999), where outgoing connections take their ports
 PORT_BASE, PORT_SPAN = 15000, 15000
 
 
-def submitit_ranks(environ: Optional[dict] = None) -> dict:
+def submitit_ranks(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """torchrun's variables for this task of a multi-task submitit job ({} when there is nothing to set)."""
     environ = os.environ if environ is None else environ
     if "WORLD_SIZE" in environ or not environ.get("SUBMITIT_EXECUTOR"):
@@ -31,7 +31,7 @@ def submitit_ranks(environ: Optional[dict] = None) -> dict:
             "MASTER_PORT": environ.get("MASTER_PORT") or str(PORT_BASE + int(digits) % PORT_SPAN)}
 
 
-def is_main_process(environ: Optional[dict] = None) -> bool:
+def is_main_process(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Rank 0, or the only process: the one that records a sweep job's status."""
     environ = os.environ if environ is None else environ
     return int(environ.get("RANK", "0")) == 0

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from cbam_train.reporting.charts import draw_sweep, safe_draw, short_number
@@ -96,8 +96,10 @@ def write_summary(sweep_dir: Path, rows: list) -> None:
 
 def summary_table(rows: list, sweep_dir: Path) -> Table:
     t = Table(title=f"sweep: {sweep_dir}", caption="overrides: the swept ones; full lists in sweep_summary.csv")
-    for col, just in (("#", "right"), ("overrides", "left"), ("status", "left"), ("best val", "right"),
-                      ("final val", "right"), ("test", "right"), ("epochs", "right"), ("time", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("#", "right"), ("overrides", "left"), ("status", "left"), ("best val", "right"), ("final val", "right"),
+        ("test", "right"), ("epochs", "right"), ("time", "right"))
+    for col, just in columns:
         t.add_column(col, justify=just)
     pct = lambda v: "" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     labels = {r["job"]: " ".join(_short(o) for o in overrides) for r, overrides in zip(rows, swept(rows), strict=True)}

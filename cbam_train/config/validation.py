@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields, is_dataclass
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from cbam_train.config.errors import ConfigError
 from cbam_train.config.schema import (
@@ -38,7 +38,7 @@ MAX_WIDTH = 1024  # 16x ResNet18's channels: ~2.8 G parameters, past one GPU's m
 POLICIES = ("none", "trivial", "autoaugment")  # augment.policy
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def _choice(key: str, value: Any, allowed: Collection[Any]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")
 

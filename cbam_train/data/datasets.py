@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from cbam_train.config.errors import DataError
+from cbam_train.config.errors import ConfigError, DataError
 from cbam_train.config.schema import DataConfig
 from cbam_train.data.cifar10 import load_cifar10
 from cbam_train.data.imagefolder import ImageFiles, scan_image_folder  # noqa: F401 DataError re-exported
@@ -27,14 +27,17 @@ class ImageDataset(Dataset):
     through `load.take(indices)` when the source has it (TensorImages, ImageFiles), else by stacking.
     """
 
-    def __init__(self, load: Callable[[int], torch.Tensor], labels: np.ndarray, indices: np.ndarray,
+    def __init__(self, load: Callable[[int], Optional[torch.Tensor]], labels: np.ndarray, indices: np.ndarray,
                  transform: Optional[Callable] = None) -> None:
         self.load, self.labels, self.indices, self.transform = load, labels, indices, transform
 
     def materialize(self) -> tuple:
         """(uint8 images (N, 3, H, W), int64 labels (N,)) of this split, in index order."""
         take = getattr(self.load, "take", None)
-        images = take(self.indices) if take is not None else torch.stack([self.load(int(i)) for i in self.indices])
+        if take is not None:
+            images = take(self.indices)
+        else:  # cast: only image files can give None (unreadable, bad_images=skip), and they have take
+            images = torch.stack(cast("list[torch.Tensor]", [self.load(int(i)) for i in self.indices]))
         labels = torch.from_numpy(self.labels[self.indices])
         bad = getattr(self.load, "bad", None)  # unreadable images left out (data.bad_images=skip)
         if bad:
@@ -47,7 +50,11 @@ class ImageDataset(Dataset):
         if not len(self):
             return 0
         size = getattr(self.load, "image_size", None)  # image files: known without decoding one
-        return len(self) * (3 * size * size if size else self.load(int(self.indices[0])).numel())
+        if size:
+            return len(self) * (3 * size * size)
+        first = self.load(int(self.indices[0]))
+        assert first is not None  # only image files can be unreadable, and they know their size
+        return len(self) * first.numel()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -160,12 +167,20 @@ class TensorImages:
         return self.images[torch.as_tensor(idx, dtype=torch.long)]
 
 
+def _root(cfg: DataConfig) -> str:
+    """data.root, which validate() requires for the datasets read from disk; None here: validate() was skipped."""
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for data={cfg.name}; pass data.root=PATH")
+    return cfg.root
+
+
 def build_splits(cfg: DataConfig, seed: int, num_classes: int,
                  warn: Callable[[str], None] = lambda s: None) -> DataSplits:
     """Train / val / test datasets (without transforms) for a DataConfig, checked against num_classes."""
     test = None
+    train_load: TensorImages | ImageFiles
     if cfg.name == "cifar10":
-        tx, ty, sx, sy, classes = load_cifar10(cfg.root, cfg.download)
+        tx, ty, sx, sy, classes = load_cifar10(_root(cfg), cfg.download)
         x, labels = torch.from_numpy(tx), ty
         train_load = TensorImages(x)
         test = ImageDataset(TensorImages(torch.from_numpy(sx)), sy, np.arange(len(sy)))
@@ -175,7 +190,7 @@ def build_splits(cfg: DataConfig, seed: int, num_classes: int,
         train_load, classes = TensorImages(x), [f"class{i}" for i in range(cfg.num_classes)]
         test = ImageDataset(TensorImages(sx), sy, np.arange(len(sy)))
     elif cfg.name == "imagefolder":
-        root = Path(cfg.root)
+        root = Path(_root(cfg))
         if not root.is_dir():
             raise DataError(f"data.root={cfg.root}: folder not found")
         paths, labels, classes, ignored = scan_image_folder(root / "train")

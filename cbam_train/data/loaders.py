@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from cbam_train.augment.batched import BatchAugment, normalize
 from cbam_train.augment.mixing import BatchMix
 from cbam_train.augment.per_image import build_eval_transform, build_train_transform
 from cbam_train.config.errors import DataError
 from cbam_train.config.schema import AugmentConfig, DataConfig
-from cbam_train.data.datasets import DataSplits, ImageDataset, make_loader, shard_order
+from cbam_train.data.datasets import DataSplits, ImageDataset, SeededOrder, make_loader, shard_order
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ class MemoryLoader:
 
 @dataclass
 class Loaders:
-    train: object
-    val: object
-    test: Optional[object]
+    train: MemoryLoader | DataLoader
+    val: MemoryLoader | DataLoader
+    test: Optional[MemoryLoader | DataLoader]
     kind: str  # memory | torchvision
     augment: Optional[BatchAugment]  # the batched transform (memory loader only)
     generators: tuple = ()  # every random draw of the training data (order, augmentation, mixing)
@@ -99,10 +100,12 @@ class Loaders:
         if isinstance(self.train, MemoryLoader):
             self.train.skip = k
         else:
-            self.train.sampler.skip = k * self.train.batch_size
+            order = self.train.sampler
+            assert isinstance(order, SeededOrder)  # make_loader orders every training DataLoader with one
+            order.skip = k * order.batch_size  # the loader's batch size: make_loader gives both the same
 
 
-def shutdown_workers(loader: object) -> None:
+def shutdown_workers(loader: Any) -> None:
     """End a DataLoader's persistent workers (a no-op for the memory loader or a loader without workers)."""
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
@@ -162,5 +165,7 @@ def build_loaders(splits: DataSplits, cfg: DataConfig, augment_cfg: AugmentConfi
                              Batching(cfg.batch_size, True, drop_partial, cfg.augment_chunk), aug, gen, shard, aug_gen)
         return Loaders(train, val, test, kind, aug, ((gen,) if aug_gen is gen else (gen, aug_gen)) + extra, mixer)
     splits.train.transform = build_train_transform(augment_cfg, cfg.image_size, mean, std)
-    train = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial, shard)
-    return Loaders(train, val, test, kind, None, (train.sampler.generator,) + extra, mixer)
+    loader = make_loader(splits.train, cfg.batch_size, True, workers, seed, device.type == "cuda", drop_partial, shard)
+    order = loader.sampler
+    assert isinstance(order, SeededOrder)  # make_loader orders every training DataLoader with one
+    return Loaders(loader, val, test, kind, None, (order.generator,) + extra, mixer)

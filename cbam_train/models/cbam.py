@@ -31,11 +31,11 @@ class ChannelAttention(nn.Module):
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1, bias=False),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
+            expand := nn.Conv2d(hidden, channels, 1, bias=False),
         )
         self.gain = 2.0 if init == "identity" else 1.0
         if init == "identity":
-            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(expand.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> gate (B, C, 1, 1)
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
@@ -51,6 +51,7 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=init == "identity")
         self.gain = 2.0 if init == "identity" else 1.0
         if init == "identity":
+            assert self.conv.bias is not None  # bias=True under identity, one line up
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
 

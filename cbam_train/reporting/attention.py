@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,8 @@ def cam_layer(model: nn.Module) -> nn.Module:
     """Where Grad-CAM looks: the features the classifier pools, i.e. layer4's last block's output after its
     attention (placement=block: the block itself holds its CBAM; placement=stage: the layer4 CBAM after it)."""
     stage = getattr(model, "cbam", None)
-    return stage["layer4"] if isinstance(stage, nn.ModuleDict) else model.layer4[-1]
+    # cast: nn.Module types its submodule attributes as Tensor | Module; layer4 is an nn.Sequential of blocks
+    return stage["layer4"] if isinstance(stage, nn.ModuleDict) else cast(nn.Sequential, model.layer4)[-1]
 
 
 def inspect(model: nn.Module, x: Tensor, all_blocks: bool = False) -> Attention:

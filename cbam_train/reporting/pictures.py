@@ -23,7 +23,7 @@ def _bare(ax) -> None:
     ax.set_yticks([])
 
 
-def _colour_range(maps: torch.Tensor) -> tuple:
+def _colour_range(maps: torch.Tensor) -> tuple[float, float]:
     """One colour scale per column, so images can be compared; a flat column (an untrained gate) sits mid-scale."""
     lo, hi = float(maps.min()), float(maps.max())
     return (lo - 0.5, hi + 0.5) if hi - lo < 1e-6 else (lo, hi)
@@ -37,7 +37,9 @@ def draw_attention(images: torch.Tensor, titles: list, spatial: dict, gradcam: t
     The cells are blended in numpy into one canvas and drawn as one image (one axes per cell took ~9 s for 20 rows)."""
     from matplotlib import colormaps
 
-    columns = [("input", None, None)] + [(f"{name} gate", maps, _colour_range(maps)) for name, maps in spatial.items()]
+    # (header, gates or None for the image itself, colour range: the image's pixels are in [0, 1] too)
+    columns = [("input", None, (0.0, 1.0))] + [(f"{name} gate", maps, _colour_range(maps))
+                                               for name, maps in spatial.items()]
     columns.append(("Grad-CAM", gradcam, (0.0, 1.0)))
     rows, (h, w) = images.shape[0], images.shape[-2:]
     scale = max(1, 96 // max(h, w))  # cells of ~96 px, pixels kept square (nearest)

@@ -59,9 +59,10 @@ class Reporter:
         self._tb = None
         self._tb_class = check_tensorboard() if tensorboard and write else None
         self.tracker: Any = None  # tracking.MlflowTracker (logger=mlflow; rank 0): gets every row and the artifacts
+        self.curves_every_s, self._clock, self._drawn_rows = curves_every_s, clock, -1
         # _drawn_at: the clock when curves.png was last drawn, None before the first drawing (time.monotonic()
         # counts from boot, so a number here would throttle the first epoch on a machine up for < curves_every_s)
-        self.curves_every_s, self._clock, self._drawn_at, self._drawn_rows = curves_every_s, clock, None, -1
+        self._drawn_at: Optional[float] = None
         self._stages: list = []
         self._test_acc: Optional[float] = None  # marked on curves.png once the run has one
 
@@ -155,7 +156,7 @@ class Reporter:
                 task = bar.add_task(desc, total=total, stats="")
 
                 def update(step: int, stats: Optional[dict] = None) -> None:
-                    fields = {"stats": _stats_text(stats)} if stats else {}
+                    fields: dict[str, Any] = {"stats": _stats_text(stats)} if stats else {}
                     bar.update(task, completed=step, **fields)
                     if stats:
                         self.log.print(f"{desc} step {step}/{total} {_stats_text(stats)}")
@@ -163,13 +164,13 @@ class Reporter:
                 yield update
             return
 
-        def update(step: int, stats: Optional[dict] = None) -> None:
+        def print_update(step: int, stats: Optional[dict] = None) -> None:
             if stats:
                 line = f"{desc} step {step}/{total} {_stats_text(stats)}"
                 self.log.print(line)
                 self.console.print(line)
 
-        yield update
+        yield print_update
 
     # -- per epoch
     def restore_metrics(self, rows: list) -> None:

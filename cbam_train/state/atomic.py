@@ -30,7 +30,7 @@ def _umask_now() -> int:
     return _umask[0]
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call write(f) on a temp file beside `path`, fsync it, rename it to `path` and fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

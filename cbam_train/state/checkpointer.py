@@ -72,6 +72,7 @@ class Checkpointer:
 
     def mid_epoch(self, state: RunState, session: Any, partial: EpochState) -> None:
         """last.pt with the epoch so far (every train.checkpoint_every_n_steps, and on a stop request)."""
+        assert self._epoch_rng is not None  # start_epoch() runs before every epoch's first step
         self._save(["last.pt"], state, session, partial, self._epoch_rng)
 
     def epoch_end(self, state: RunState, session: Any, new_best: bool, stage_end: bool, stopping: bool) -> None:

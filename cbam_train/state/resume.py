@@ -38,7 +38,8 @@ def resume_changes(old: dict, new: dict) -> tuple:
     # a key the checkpoint's cbam-train did not have yet (model.width, ...) ran at the schema's default
     defaults = flatten(asdict(Config()))
     a = {**{k: v for k, v in defaults.items() if k in b and k not in a}, **a}
-    refused, other = [], []
+    refused: list[str] = []
+    other: list[str] = []
     for key, now, was in sorted(config_changes(b, a), key=lambda change: change[0]):
         if _in(key, HARMLESS):
             continue

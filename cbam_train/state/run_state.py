@@ -135,31 +135,38 @@ class RunState:
         return self.checkpoint["stage_name"] if self.checkpoint is not None else None
 
     @property
+    def _resumed(self) -> dict:
+        """The checkpoint, for the readers and restorers below: only a resumed run calls them."""
+        assert self.checkpoint is not None, "a fresh run has no checkpoint to read"
+        return self.checkpoint
+
+    @property
     def saved_config(self) -> dict:
-        return self.checkpoint["config"]
+        return self._resumed["config"]
 
     @property
     def saved_data(self) -> dict:
-        return self.checkpoint["data"]
+        return self._resumed["data"]
 
     @property
     def saved_world(self) -> int:
-        return self.checkpoint.get("world", 1)
+        return self._resumed.get("world", 1)
 
     # -- restoring, in this order, before the loop
     def restore_model(self, model: nn.Module, source: str) -> None:
-        load_strict(model, self.checkpoint["model"], source)
+        load_strict(model, self._resumed["model"], source)
 
     def restore_scaler_and_ema(self, scaler: Any, ema: Any) -> None:
         """The fp16 loss scale and the EMA weights (after the EMA was built from the restored model)."""
-        if scaler is not None and self.checkpoint.get("scaler"):
-            scaler.load_state_dict(self.checkpoint["scaler"])
-        if ema is not None and self.checkpoint.get("ema") is not None:
-            ema.load_state_dict(self.checkpoint["ema"])
+        ckpt = self._resumed
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
 
     def restore_position(self, generators: tuple, skip_batches: Callable[[int], None], rank: int) -> None:
         """This rank's random states, the batches a mid-epoch checkpoint had done (skipped) and its sums (staged)."""
-        ckpt = self.checkpoint
+        ckpt = self._resumed
         many = ckpt.get("world", 1) > 1  # each rank continues from its own random state and running sums
         restore_rng(ckpt["rng_ranks"][rank] if many else ckpt["rng"], generators)
         if ckpt["step"]:
@@ -206,7 +213,7 @@ class RunState:
                 "world": parts.world, "rng_ranks": rng_ranks, "partial_ranks": partial_ranks}
 
 
-def describe(state: Optional[RunState]) -> str:
+def describe(state: RunState) -> str:
     """Where a checkpoint stands, for the resume message: 'epoch 3 done, step 20 of epoch 4, stage 'high''."""
     where = f"epoch {state.epoch} done" + (f", step {state.step} of epoch {state.epoch + 1}" if state.step else "")
     return f"{where}, stage '{state.stage_name}'"

@@ -38,15 +38,16 @@ def claim_run_dir(run_dir: Path, record: Optional[dict], required: tuple, resume
     """Check the run dir is free (or the resumed run's own, with something to resume), then record the config.
     `finished`: the resumed checkpoint has every stage of this config done."""
     same_dir = resume is not None and resume.run_dir is not None and resume.run_dir.resolve() == run_dir.resolve()
-    if same_dir and resume.path is not None and \
-            resume.path.resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
-        raise UserError(f"resume={resume.path}: an earlier checkpoint cannot continue in its own run dir (that would "
+    own = resume if same_dir else None  # the resumed run, continuing in its own run dir
+    if own is not None and own.path is not None and \
+            own.path.resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
+        raise UserError(f"resume={own.path}: an earlier checkpoint cannot continue in its own run dir (that would "
                         "overwrite the run's later results); drop hydra.run.dir= to branch into a new run dir")
     check_run_dir(run_dir, required, resuming=same_dir)
-    if same_dir and resume.state is not None and (run_dir / "summary.json").is_file() and finished:
+    if own is not None and own.state is not None and (run_dir / "summary.json").is_file() and finished:
         raise UserError(f"resume: the run in {run_dir} already finished (summary.json); nothing to resume. "
                         "To train longer, add epochs: schedule.stages.<name>.epochs=N")
-    if same_dir and resume.state is None:  # starting over is only right for a run that died before any result
+    if own is not None and own.state is None:  # starting over is only right for a run that died before any result
         done = [f for f in ("summary.json", "model.pt") if (run_dir / f).exists()]
         rows = (run_dir / "metrics.jsonl").read_text().count("\n") if (run_dir / "metrics.jsonl").exists() else 0
         if done or rows:

@@ -87,7 +87,7 @@ def run_bench(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Op
 def _bench(cfg: Config, run_dir: Path, stages: list, model: torch.nn.Module, device: torch.device,
            rep: Reporter) -> dict:
     b = cfg.bench
-    budget = dict(device=device, warmup=b.warmup_steps, seconds=b.seconds, max_steps=b.max_steps)
+    budget: dict[str, Any] = dict(device=device, warmup=b.warmup_steps, seconds=b.seconds, max_steps=b.max_steps)
     splits, loaders = prepare_data(cfg, device, rep)
     amp = setup_device(model, cfg.device, device)
     if device.type == "cuda":

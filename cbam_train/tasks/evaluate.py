@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from rich.table import Table
 
-from cbam_train.config.errors import UserError
+from cbam_train.config.errors import ConfigError, UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
 from cbam_train.data.datasets import ImageDataset, build_splits
@@ -34,6 +34,8 @@ TOP_LOSSES = 16  # images in top_losses.png, as fastai's plot_top_losses shows b
 def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Optional[JobInfo] = None) -> dict:
     """Evaluate cfg.checkpoint on cfg.eval.split of cfg.data; write eval.json into run_dir."""
     t0 = time.perf_counter()
+    if cfg.checkpoint is None:  # validate() refuses this first; the same message for a caller that did not run it
+        raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
     run_dir, path = Path(run_dir), Path(cfg.checkpoint)
     device = resolve_device(cfg.device.name)
     state, ckpt = read_weights(path, f"checkpoint={cfg.checkpoint}")
@@ -107,7 +109,9 @@ def draw_eval_pictures(out: dict, ds: ImageDataset, run_dir: Path, title: str, w
                                      f"{title}\nconfusion, row-normalised (%): accuracy {100 * out['accuracy']:.2f}%"),
               run_dir / "confusion.png", warn)
     worst = out["top_losses"]
-    images = torch.stack([ds.load(r["index"]) for r in worst]) if worst else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    # cast: these images were evaluated, so each was readable (the loaders leave unreadable ones out)
+    loaded = cast("list[torch.Tensor]", [ds.load(r["index"]) for r in worst])
+    images = torch.stack(loaded) if worst else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     titles = [f"{r['true']} -> {r['pred']}\np {r['prob']:.2f} | loss {r['loss']:.2f}" for r in worst]
     safe_draw(lambda: draw_top_losses(images, titles, run_dir / "top_losses.png",
                                       f"{title}\nthe {len(worst)} highest-loss images (true -> predicted)"),

@@ -40,6 +40,9 @@ RELATIVE_TOLERANCE = 1e-3
 class Normalised(nn.Module):
     """The trained model behind its input normalisation: float RGB in [0, 1], shape (B, 3, H, W) -> logits."""
 
+    mean: torch.Tensor  # buffers, registered in __init__: nn.Module types them as Tensor | Module otherwise
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: list, std: list) -> None:
         super().__init__()
         self.model = model
@@ -93,6 +96,7 @@ def exported_runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tens
 def compare(reference: Normalised, run: Callable, images: torch.Tensor) -> dict:
     """Max abs logit difference, its tolerance and the top-1 agreement of `run` against `reference` on images."""
     fc = reference.model.fc
+    assert isinstance(fc, nn.Linear)  # ResNetCBAM's classifier (models/resnet.py)
     features = []
     hook = fc.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
     try:

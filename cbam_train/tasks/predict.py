@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from cbam_train.config.errors import PredictError, UserError
+from cbam_train.config.errors import ConfigError, PredictError, UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
 from cbam_train.data.imagefolder import IMAGE_EXTENSIONS, decode_image
@@ -47,6 +47,8 @@ class Trained:
 def load_trained(cfg: Config, warn: Callable[[str], None] = lambda s: None) -> Trained:
     """cfg.checkpoint's weights (EMA's when the run kept them, as task=eval) in the model cfg.model describes;
     classes and mean/std from the checkpoint or the summary.json beside a model.pt (data.mean/std win)."""
+    if cfg.checkpoint is None:  # validate() refuses this first; the same message for a caller that did not run it
+        raise ConfigError(f"task={cfg.task} needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
     path, what = Path(cfg.checkpoint), f"checkpoint={cfg.checkpoint}"
     state, ckpt = read_weights(path, what)
     ema = ema_weights(ckpt)
@@ -111,6 +113,7 @@ def predict_batches(trained: Trained, paths: list, image_size: int, device: torc
         where = {i: j for j, i in enumerate(good)}
         for i, p in enumerate(chunk):
             if i in where:
+                assert top_p is not None and top_i is not None  # set above: `good` was not empty
                 j = where[i]
                 rows.append({"path": str(p), "classes": [trained.classes[c] for c in top_i[j]], "probs": top_p[j],
                              "error": ""})
@@ -139,6 +142,8 @@ def run_predict(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
     device = resolve_device(cfg.device.name)
     warnings: list = []
     trained = load_trained(cfg, warnings.append)
+    if cfg.inputs is None:  # validate() refuses this first; the same message for a caller that did not run it
+        raise ConfigError("task=predict needs inputs=PATH (an image file, a folder or a glob such as 'imgs/*.jpg')")
     paths = find_inputs(cfg.inputs)
     check_run_dir(run_dir, PREDICT_FILES)
     write_record(run_dir, record)

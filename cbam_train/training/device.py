@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ def resolve_amp(cfg: DeviceConfig, device: torch.device) -> Amp:
 def setup_device(model: nn.Module, cfg: DeviceConfig, device: torch.device) -> Amp:
     """Move the model (in the configured memory format), set cuDNN autotuning; the Amp for the steps."""
     amp = resolve_amp(cfg, device)
-    model.to(device, memory_format=amp.memory_format)
+    # torch's overloads of Module.to omit (device, memory_format), which it accepts at runtime
+    model.to(device, memory_format=amp.memory_format)  # type: ignore[call-overload]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     return amp
@@ -53,8 +54,9 @@ def compile_for_stage(model: nn.Module, cfg: DeviceConfig) -> nn.Module:
     """torch.compile afresh for a stage: guards do not track requires_grad changes (pytorch#139476),
     so a graph compiled while a layer was frozen would keep skipping its gradients."""
     torch._dynamo.reset()
-    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
-                         backend=cfg.compile_backend)
+    # torch.compile's stubs return a Callable; given a Module it returns an OptimizedModule (a Module)
+    return cast(nn.Module, torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                                         backend=cfg.compile_backend))
 
 
 def seed_everything(seed: int) -> None:

@@ -8,7 +8,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,8 @@ class EpochState:
         return self
 
     def to_dict(self) -> dict:
+        # what is saved is the loop's state after to(), or one loaded from a checkpoint: the sums are tensors
+        assert self.loss_sum is not None and self.correct is not None and self.clipped is not None
         return {"step": self.step, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(),
                 "seen": self.seen, "skipped": self.skipped, "clipped": self.clipped.detach().cpu()}
 
@@ -211,6 +213,8 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
         raise TrainingError(f"every batch of {where} had a non-finite loss ({progress.skipped} skipped); lower the "
                             "learning rate (lr=...) or check the data")
     seen = max(progress.seen, 1)
+    # to(device) at the start set the sums
+    assert progress.loss_sum is not None and progress.correct is not None and progress.clipped is not None
     return EpochResult(loss=progress.loss_sum.item() / seen, acc=progress.correct.item() / seen, n=progress.seen,
                        time_s=time.perf_counter() - t0, skipped=progress.skipped, stopped=stopped, state=progress,
                        clipped=int(progress.clipped.item()), lr=last_lr)
@@ -218,13 +222,18 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
 
 def _grad_sync(model: nn.Module, boundary: bool):
     """DDP: all-reduce the gradients only on the batch that completes an optimizer step (no_sync before it)."""
-    return model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+    if not boundary and hasattr(model, "no_sync"):
+        # torch types a Module's other attributes as Tensor | Module; DDP's no_sync is a method
+        return model.no_sync()  # type: ignore[operator]
+    return contextlib.nullcontext()
 
 
 def _step(opt: torch.optim.Optimizer, setup: EpochSetup, progress: EpochState, model: nn.Module) -> float:
     """The optimizer step (clipping counted), then the lr schedule and the EMA; the lr the step used."""
     norm = optimizer_step(opt, setup.amp, setup.grad_clip_norm)
     if norm is not None:
+        # a norm comes back only when clipping is on; the epoch's to() has set the count
+        assert setup.grad_clip_norm is not None and progress.clipped is not None
         progress.clipped += (torch.isfinite(norm) & (norm > setup.grad_clip_norm)).long()
     lr = stage_lr(opt)
     if setup.scheduler is not None:
@@ -268,7 +277,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[Amp] 
         n += y.shape[0]
     if n == 0:
         return {"loss": None, "acc": None, "n": 0}
-    out = {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+    out: dict[str, Any] = {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
     if num_classes:
         out["confusion"] = confusion.cpu().tolist()
     if per_sample:

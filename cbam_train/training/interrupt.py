@@ -7,7 +7,7 @@ import signal
 from types import FrameType
 from typing import Callable, Optional
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, what shells report
+EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, what shells report
 
 
 class Interrupted(Exception):
@@ -15,9 +15,10 @@ class Interrupted(Exception):
 
     label = "stopped"
 
-    def __init__(self, msg: str, signum: int) -> None:
+    def __init__(self, msg: str, signum: Optional[int]) -> None:
         super().__init__(msg)
-        self.exit_code = EXIT_CODES.get(signum, 1)
+        # None: another rank of a data-parallel run was signalled, not this one
+        self.exit_code = 1 if signum is None else EXIT_CODES.get(signum, 1)
 
 
 class StopRequest:
@@ -25,7 +26,8 @@ class StopRequest:
     first signal. Before `arm()` (while data loads) a signal stops the run at once, as it would without us."""
 
     def __init__(self, notify: Callable[[str], None]) -> None:
-        self.notify, self.signum, self.armed = notify, None, False
+        self.notify, self.armed = notify, False
+        self.signum: Optional[int] = None
         self._old: dict = {}
 
     def __enter__(self) -> "StopRequest":

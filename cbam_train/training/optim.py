@@ -3,7 +3,7 @@ A new optimizer goes into build_optimizer (its name and fields into config.Optim
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import torch
 from torch import nn
@@ -19,8 +19,8 @@ def build_optimizer(params: Iterable, cfg: OptimConfig, lr: float) -> torch.opti
     on_cuda = first is not None and first.is_cuda
     fused = cfg.fused if cfg.fused is not None else (True if on_cuda else None)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=fused)
+        betas = cast("tuple[float, float]", tuple(cfg.betas))  # validate() checks there are two
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, fused=fused)

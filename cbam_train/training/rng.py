@@ -4,7 +4,7 @@ and put back on resume."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -14,7 +14,8 @@ from cbam_train.config.errors import UserError
 
 def capture_rng(loader_generators: tuple = ()) -> dict:
     """Every random state a training step can draw from: python, numpy, torch CPU and CUDA, the data's generators."""
-    np_state = np.random.get_state()
+    # numpy's stubs pick the dict overload for the default call; at runtime legacy=True returns the tuple
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     return {"python": random.getstate(),
             # numpy's state as tensors and numbers: a weights_only load cannot read numpy arrays
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],

@@ -222,7 +222,8 @@ def apply_stage(model: nn.Module, trainable: Iterable[str], freeze_bn: bool = Tr
         if n in names:
             params.append(p)
     if hasattr(model, "freeze_bn"):
-        model.freeze_bn = freeze_bn
+        # nn.Module types attribute assignment as Tensor | Module; freeze_bn is ResNetCBAM's plain bool
+        model.freeze_bn = freeze_bn  # type: ignore[assignment]
     model.train(model.training)  # re-apply the BN modes for the new trainable set
     return params
 

@@ -16,6 +16,7 @@ from cbam_train.config.errors import UserError, WeightsError
 from cbam_train.config.schema import Config
 from cbam_train.config.view import flatten
 from cbam_train.data.datasets import build_splits
+from cbam_train.data.imagefolder import ImageFiles
 from cbam_train.data.loaders import build_loaders
 from cbam_train.models import build_model
 from cbam_train.reporting.reporter import Reporter, check_tensorboard
@@ -134,9 +135,10 @@ def prepare_data(cfg: Config, device: torch.device, rep: Reporter, shard: tuple 
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
     loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile, shard)
-    bad = getattr(splits.train.load, "bad", None)
-    if bad:  # data.bad_images=skip (under error, reading them raised)
-        first = splits.train.load.paths[next(iter(bad))]
+    load = splits.train.load
+    if isinstance(load, ImageFiles) and load.bad:  # data.bad_images=skip (under error, reading them raised)
+        bad = load.bad
+        first = load.paths[next(iter(bad))]
         rep.warn(f"data.bad_images=skip: left out {len(bad)} unreadable image(s), e.g. {first} "
                  f"({next(iter(bad.values()))})")
     how = (f"in {device.type} memory (loaded in {time.perf_counter() - t0:.1f} s), batched augmentation"

@@ -107,6 +107,7 @@ def _build_run(cfg: Config, run_dir: Path, started: Started, overrides: list, st
     state = resume.state if resume is not None and resume.state is not None else RunState.fresh()
     resumed = state.checkpoint is not None
     if resumed:
+        assert resume is not None  # the checkpoint came from resume.state
         check_resume(state, dataclasses.asdict(cfg), data, dist.world, str(resume.path), rep.warn)
         state.restore_model(model, f"resume={resume.path}")
         state.reopen_extended(started.stages)
@@ -198,6 +199,7 @@ def end_epoch(run: Run, session: StageSession, epoch: int, result: EpochResult) 
 
 def keep_stage_best(run: Run, stage: Stage) -> None:
     """After an epoch of a restore_best plateau stage: a CPU copy of the weights if this epoch is its best."""
+    assert stage.plateau is not None  # the caller checked: only a restore_best plateau stage keeps its best
     rows = run.state.stage_rows(stage.name)
     if plateau.best_so_far(rows, stage.plateau)[1] == rows[-1]["epoch"]:
         run.state.keep_stage_best(stage.name, rows[-1]["epoch"], run.model, run.ema)
@@ -206,8 +208,11 @@ def keep_stage_best(run: Run, stage: Stage) -> None:
 def end_stage(run: Run, stage: Stage, why: str) -> None:
     """Say why the stage ended; with restore_best, put its best weights back (before the next stage or test)."""
     rows = run.state.stage_rows(stage.name)
-    reason = (plateau.describe(rows, stage.plateau) if why == "plateau"
-              else f"its maximum of {stage.epochs} epoch(s) ran")
+    if why == "plateau":
+        assert stage.plateau is not None  # only a stage with until_plateau ends on a plateau
+        reason = plateau.describe(rows, stage.plateau)
+    else:
+        reason = f"its maximum of {stage.epochs} epoch(s) ran"
     best_epoch = run.state.take_stage_best(stage.name, rows[-1]["epoch"], run.model, run.ema)
     restored = f"; restored the weights of epoch {best_epoch}" if best_epoch is not None else ""
     if stage.plateau is not None:  # a stage without one ends where the schedule table said
