@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: train smoke test test-fast data clean-venv
+.PHONY: train smoke lint test test-fast data clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ train: $(BIN)/.installed  ## the full seed recipe on CIFAR-10 (downloads it and 
 smoke: $(BIN)/.installed  ## ~13 s CPU run on generated data (model.width=16), no downloads
 	$(BIN)/cbam-train experiment=smoke $(ARGS)
 
-test: $(BIN)/.installed  ## the whole test suite (CPU, no network): what CI runs
+lint: $(BIN)/.installed  ## ruff (style, bugs, import boundaries) and mypy (types) over the code: part of `make test`
+	$(BIN)/ruff check cbam_train tests benchmarks
+	$(BIN)/mypy
+
+test: lint  ## lint, then the whole test suite (CPU, no network): what CI runs
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: $(BIN)/.installed  ## the unit tests only: no subprocess runs, signals, torchrun or sweeps (marker `slow`)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cbam_train.data.imagefolder import decode_image
 from cbam_train.models import ResNetCBAM
-from cbam_train.tasks.explain import ImageSet, attention_report, draw_report
+from cbam_train.reporting.explain_report import ImageSet, attention_report, draw_report
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from cbam_train.models import ResNetCBAM
-from cbam_train.state.checkpointer import BackgroundSaver
 from cbam_train.state.weights import atomic_save
+from cbam_train.training.checkpointer import BackgroundSaver
 
 
 def checkpoint_like() -> dict:

@@ -21,7 +21,7 @@ from cbam_train.reporting.attention import (
     stratified_pick,
     summarise,
 )
-from cbam_train.tasks.explain import ImageSet, attention_report, draw_report
+from cbam_train.reporting.explain_report import ImageSet, attention_report, draw_report
 
 REFERENCE = Path(__file__).parent / "data" / "gradcam_reference.pt"
 

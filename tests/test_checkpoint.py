@@ -125,8 +125,8 @@ def test_checkpoint_of_an_older_format_version_is_refused_in_one_line(tmp_path):
 
 def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path, monkeypatch):
     from cbam_train.config.errors import CheckpointError
-    from cbam_train.state import checkpointer
-    from cbam_train.state.checkpointer import BackgroundSaver
+    from cbam_train.training import checkpointer
+    from cbam_train.training.checkpointer import BackgroundSaver
 
     t = torch.zeros(3)
     saver = BackgroundSaver()

@@ -92,8 +92,7 @@ def test_stages_end_on_their_plateaus_and_restore_their_best_weights(tmp_path, m
 
     import torch
 
-    from cbam_train.state import checkpointer
-    from cbam_train.training import train
+    from cbam_train.training import checkpointer, train
 
     saved = {}
     real_save = checkpointer.save_checkpoint

@@ -38,8 +38,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch, load
 
     from conftest import compose_config
 
-    from cbam_train.state import checkpointer
-    from cbam_train.training import train
+    from cbam_train.training import checkpointer, train
 
     saved = []
     real_save = checkpointer.save_checkpoint

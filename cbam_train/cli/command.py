@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cbam_train.cli.hydra_errors import condense_hydra_error, failure_line, raised_by_hydra
 from cbam_train.cli.launchers import is_main_process, submitit_ranks
-from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides, run_dir_of
+from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides
 from cbam_train.cli.sweep import JobEnd, write_status
 from cbam_train.config.errors import UserError
 from cbam_train.config.schema import Config
@@ -27,6 +27,7 @@ from cbam_train.config.tasks import TASKS, JobInfo
 from cbam_train.config.validation import validate
 from cbam_train.config.view import ConfigView, config_changes
 from cbam_train.reporting.console import CapturedStderr, fail, print_error, release_stderr
+from cbam_train.state.rundir import run_dir_of
 
 
 def find_conf_dir() -> Path:
@@ -61,7 +62,7 @@ def with_recorded_overrides(args: list) -> list:
     own dir (hydra.run.dir)."""
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     resume, ckpt = _value(overrides, "resume"), _value(overrides, "checkpoint")
-    task = TASKS.get(_value(overrides, "task") or "train")
+    task = TASKS.get(_value(overrides, "task") or Config.task)
     target = resume if resume else ckpt if task is not None and task.reads_checkpoint else None
     if not target:
         return args
@@ -141,7 +142,7 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list, job: JobInfo) -> Opti
     except OmegaConfBaseException as e:
         raise UserError(f"config: {condense_hydra_error(str(e))}") from None
     record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
-    if cfg.task == "train" and cfg.log.show_config == "compact":
+    if TASKS[cfg.task].shows_config and cfg.log.show_config == "compact":
         job.view = config_view(dcfg, run_dir, overrides, cfg.resume)
     result = TASKS[cfg.task].load()(cfg, run_dir, record, job)
     value = (result or {}).get(cfg.optimized_metric) if isinstance(result, dict) else None

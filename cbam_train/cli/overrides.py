@@ -1,5 +1,5 @@
 """The command line of a run: which config key an override sets, and the overrides that re-create a run's
-config, so `cbam-train resume=RUN_DIR` (and `task=eval checkpoint=PATH`) need nothing else. What cli.py needs."""
+config, so `cbam-train resume=RUN_DIR` (and `task=eval checkpoint=PATH`) need nothing else."""
 
 from __future__ import annotations
 
@@ -13,14 +13,6 @@ NOT_CARRIED = ("resume", "checkpoint", "task", "hydra.run.dir", "hydra.sweep.dir
 def override_key(override: str) -> str:
     """The config key an override sets: '+a.b=1' -> 'a.b', '~x' -> 'x'."""
     return override.lstrip("~+").split("=", 1)[0].strip()
-
-
-def run_dir_of(path: Path) -> Optional[Path]:
-    """The run dir a path belongs to: the dir itself, or the run holding checkpoints/X.pt or model.pt."""
-    for cand in (path, path.parent.parent if path.parent.name == "checkpoints" else None, path.parent):
-        if cand is not None and cand.is_dir() and (cand / ".hydra" / "overrides.yaml").is_file():
-            return cand
-    return None
 
 
 def recorded_overrides(run_dir: Optional[Path], ckpt: Optional[Path], key: str = "resume") -> list:

@@ -30,6 +30,7 @@ class Task:
     runner: str  # "module:function", the function taking (cfg, run_dir, record, job)
     reads_checkpoint: bool  # checkpoint= names its input, and the run's recorded overrides come first
     about: str  # one line: what it does and writes
+    shows_config: bool = False  # prints the config at its start (log.show_config): the CLI composes the view
 
     def load(self) -> Callable:
         """The runner function (its module imported now)."""
@@ -39,7 +40,7 @@ class Task:
 
 TASKS = {task.name: task for task in (
     Task("train", "cbam_train.training.train:run", False,
-         "the staged run: checkpoints, metrics, curves.png, model.pt, summary.json"),
+         "the staged run: checkpoints, metrics, curves.png, model.pt, summary.json", shows_config=True),
     Task("eval", "cbam_train.tasks.evaluate:run_eval", True,
          "a checkpoint on the val and test splits: eval.json, confusion.png, top_losses.png"),
     Task("bench", "cbam_train.tasks.bench:run_bench", False,

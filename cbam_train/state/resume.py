@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from cbam_train.cli.overrides import run_dir_of
 from cbam_train.config.errors import ConfigError, UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.view import UNSET, config_changes, flatten
 from cbam_train.state.run_state import RunState, describe
+from cbam_train.state.rundir import run_dir_of
 from cbam_train.state.weights import load_checkpoint
 
 # A resume that changes one of these would continue a different model or different data: refused.

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from cbam_train.config.errors import ConfigError
+from cbam_train.state.rng import restore_rng
 from cbam_train.state.weights import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -39,8 +41,31 @@ from cbam_train.state.weights import (
     load_strict,
     strip_wrapper_prefixes,
 )
-from cbam_train.training.engine import EpochState
-from cbam_train.training.rng import restore_rng
+
+
+@dataclass
+class EpochState:
+    """How far an epoch got and its running sums (kept on the device); a mid-epoch checkpoint saves it."""
+
+    step: int = 0  # batches done
+    loss_sum: Optional[torch.Tensor] = None  # sum of per-batch mean loss x batch size
+    correct: Optional[torch.Tensor] = None
+    seen: int = 0  # images in the sums
+    skipped: int = 0  # batches skipped for a non-finite loss (train.nan_policy=skip_batch)
+    clipped: Optional[torch.Tensor] = None  # optimizer steps whose gradient norm exceeded train.grad_clip_norm
+
+    def to(self, device: torch.device) -> "EpochState":
+        z = torch.zeros((), device=device)
+        self.loss_sum = z.clone() if self.loss_sum is None else self.loss_sum.to(device)
+        self.correct = z.long() if self.correct is None else self.correct.to(device)
+        self.clipped = z.long() if self.clipped is None else self.clipped.to(device)
+        return self
+
+    def to_dict(self) -> dict:
+        # what is saved is the loop's state after to(), or one loaded from a checkpoint: the sums are tensors
+        assert self.loss_sum is not None and self.correct is not None and self.clipped is not None
+        return {"step": self.step, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(),
+                "seen": self.seen, "skipped": self.skipped, "clipped": self.clipped.detach().cpu()}
 
 
 @dataclass

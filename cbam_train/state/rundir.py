@@ -4,10 +4,12 @@ A run writes nothing into its dir before these checks pass."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cbam_train.config.errors import UserError
-from cbam_train.state.resume import Resume
+
+if TYPE_CHECKING:  # resume.py reads checkpoints (torch); this module stays importable without it
+    from cbam_train.state.resume import Resume
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "train.log", "checkpoints")
 
@@ -63,3 +65,11 @@ def write_record(run_dir: Path, record: Optional[dict]) -> None:
     for name, text in (record or {}).items():
         (run_dir / ".hydra").mkdir(exist_ok=True)
         (run_dir / ".hydra" / name).write_text(text)
+
+
+def run_dir_of(path: Path) -> Optional[Path]:
+    """The run dir a path belongs to: the dir itself, or the run holding checkpoints/X.pt or model.pt."""
+    for cand in (path, path.parent.parent if path.parent.name == "checkpoints" else None, path.parent):
+        if cand is not None and cand.is_dir() and (cand / ".hydra" / "overrides.yaml").is_file():
+            return cand
+    return None

@@ -9,18 +9,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 from rich.table import Table
-from torch import nn
 
-from cbam_train.augment.batched import normalize
 from cbam_train.config.errors import UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
-from cbam_train.data.datasets import ImageDataset, build_splits
-from cbam_train.reporting.attention import inspect, stratified_pick, summarise, upsample
-from cbam_train.reporting.charts import safe_draw
-from cbam_train.reporting.pictures import draw_attention, draw_gates
+from cbam_train.data.datasets import build_splits
+from cbam_train.reporting.explain_report import attention_report, draw_report, pick_images
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_json_atomic
 from cbam_train.state.rundir import check_run_dir, write_record
@@ -28,57 +23,6 @@ from cbam_train.tasks.predict import load_trained
 from cbam_train.training.device import resolve_device
 
 EXPLAIN_FILES = ("attention.png", "gates.png", "attention.json", "train.log")
-
-
-@dataclasses.dataclass
-class ImageSet:
-    """The images a report looks at: uint8 (N, 3, H, W), their labels (N,) and positions in their split."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    positions: list
-
-
-def pick_images(ds: ImageDataset, per_class: int, num_classes: int) -> ImageSet:
-    """`per_class` images of each class, the first ones in the split's (fixed) order; unreadable ones left out."""
-    positions = stratified_pick(ds.targets(), per_class, num_classes)
-    kept, images = [], []
-    for p in positions:
-        img = ds.load(int(ds.indices[p]))
-        if img is not None:
-            kept.append(p)
-            images.append(img)
-    if not images:
-        raise UserError("explain: the split has no readable images to look at")
-    labels = torch.as_tensor([int(ds.targets()[p]) for p in kept])
-    return ImageSet(torch.stack(images), labels, kept)
-
-
-def attention_report(model: nn.Module, picked: ImageSet, classes: list, norm: tuple, device: torch.device,
-                     init: str, all_blocks: bool = False) -> tuple:
-    """Gates and Grad-CAM of `model` on the picked images: (summary dict for attention.json, drawing inputs).
-    norm: (mean, std) the model was trained with. The model's weights and mode are left as they were."""
-    x = normalize(picked.images.to(device), *norm)
-    att = inspect(model, x, all_blocks)
-    summary = summarise(att, picked.labels, classes, init)
-    probs = att.probs.cpu()
-    pred = att.pred.cpu()
-    summary["images"] = [{"position": pos, "true": classes[int(t)], "pred": classes[int(p)],
-                          "prob": float(probs[i, p])}
-                         for i, (pos, t, p) in enumerate(zip(picked.positions, picked.labels, pred, strict=True))]
-    size = tuple(picked.images.shape[-2:])
-    drawing = {"images": picked.images.cpu(),
-               "titles": [f"{r['true']}\n-> {r['pred']} {r['prob']:.2f}" for r in summary["images"]],
-               "spatial": {name: upsample(maps, size).cpu() for name, maps in att.spatial.items()},
-               "gradcam": att.gradcam.cpu()}
-    return summary, drawing
-
-
-def draw_report(summary: dict, drawing: dict, attention_png: Path, gates_png: Path, title: str, warn) -> None:
-    """attention.png and gates.png of one report; a drawing failure only warns (the numbers are already kept)."""
-    safe_draw(lambda: draw_attention(drawing["images"], drawing["titles"], drawing["spatial"], drawing["gradcam"],
-                                     attention_png, title), attention_png, warn)
-    safe_draw(lambda: draw_gates(summary, gates_png, title), gates_png, warn)
 
 
 def run_explain(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Optional[JobInfo] = None) -> dict:

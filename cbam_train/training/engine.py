@@ -16,6 +16,7 @@ from torch import nn
 
 from cbam_train.augment.mixing import BatchMix
 from cbam_train.config.errors import NonFiniteLoss, TrainingError
+from cbam_train.state.run_state import EpochState
 from cbam_train.training.device import Amp
 from cbam_train.training.optim import stage_lr
 
@@ -68,31 +69,6 @@ def micro_batch_share(step: int, n_batches: int, accumulate_steps: int) -> int:
 def optimizer_steps_per_epoch(n_batches: int, accumulate_steps: int) -> int:
     """What the lr schedule counts: one per accumulate_steps batches, the epoch's last short group included."""
     return -(-n_batches // accumulate_steps)
-
-
-@dataclass
-class EpochState:
-    """How far an epoch got and its running sums (kept on the device); a mid-epoch checkpoint saves it."""
-
-    step: int = 0  # batches done
-    loss_sum: Optional[torch.Tensor] = None  # sum of per-batch mean loss x batch size
-    correct: Optional[torch.Tensor] = None
-    seen: int = 0  # images in the sums
-    skipped: int = 0  # batches skipped for a non-finite loss (train.nan_policy=skip_batch)
-    clipped: Optional[torch.Tensor] = None  # optimizer steps whose gradient norm exceeded train.grad_clip_norm
-
-    def to(self, device: torch.device) -> "EpochState":
-        z = torch.zeros((), device=device)
-        self.loss_sum = z.clone() if self.loss_sum is None else self.loss_sum.to(device)
-        self.correct = z.long() if self.correct is None else self.correct.to(device)
-        self.clipped = z.long() if self.clipped is None else self.clipped.to(device)
-        return self
-
-    def to_dict(self) -> dict:
-        # what is saved is the loop's state after to(), or one loaded from a checkpoint: the sums are tensors
-        assert self.loss_sum is not None and self.correct is not None and self.clipped is not None
-        return {"step": self.step, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(),
-                "seen": self.seen, "skipped": self.skipped, "clipped": self.clipped.detach().cpu()}
 
 
 def _no_progress(step: int, stats: Optional[dict] = None) -> None:
@@ -178,10 +154,7 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
             logits, loss = forward_loss(model, x, target, amp, setup.label_smoothing)
             progress.step = step
             if setup.nan_policy == "skip_batch":  # (validation refuses it with accumulate_steps > 1)
-                bad = not torch.isfinite(loss).item()
-                if setup.any_rank is not None:
-                    bad = setup.any_rank(bad)  # all ranks skip together, or DDP's gradient all-reduce would hang
-                if bad:
+                if _loss_not_finite_anywhere(loss, setup):
                     progress.skipped += 1
                     on_step(step)
                     continue
@@ -218,6 +191,13 @@ def train_one_epoch(model: nn.Module, loader, opt: torch.optim.Optimizer, setup:
     return EpochResult(loss=progress.loss_sum.item() / seen, acc=progress.correct.item() / seen, n=progress.seen,
                        time_s=time.perf_counter() - t0, skipped=progress.skipped, stopped=stopped, state=progress,
                        clipped=int(progress.clipped.item()), lr=last_lr)
+
+
+def _loss_not_finite_anywhere(loss: torch.Tensor, setup: EpochSetup) -> bool:
+    """nan_policy=skip_batch: whether any rank's loss is not finite (a host sync). All ranks skip together, or
+    DDP's gradient all-reduce would hang."""
+    bad = not torch.isfinite(loss).item()
+    return setup.any_rank(bad) if setup.any_rank is not None else bad
 
 
 def _grad_sync(model: nn.Module, boundary: bool):

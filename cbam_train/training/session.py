@@ -14,9 +14,9 @@ from torch import nn
 
 from cbam_train.config.schema import Config
 from cbam_train.reporting.reporter import Reporter
-from cbam_train.state.checkpointer import Checkpointer
 from cbam_train.state.run_state import RunState
 from cbam_train.training import distributed
+from cbam_train.training.checkpointer import Checkpointer
 from cbam_train.training.device import Amp, compile_for_stage
 from cbam_train.training.distributed import Dist
 from cbam_train.training.engine import EpochSetup, optimizer_steps_per_epoch
@@ -45,7 +45,7 @@ class Run:
     checkpointer: Checkpointer
     stopper: Stopper
     resumed_from: Optional[Path] = None  # the checkpoint file resumed from
-    attention: Optional[Any] = None  # stage_report.StageAttention (log.attention_report, rank 0), else None
+    attention: Optional[Any] = None  # explain_report.StageAttention (log.attention_report, rank 0), else None
 
     @property
     def eval_model(self) -> nn.Module:

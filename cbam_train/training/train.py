@@ -11,14 +11,14 @@ from typing import Optional
 from cbam_train.config.errors import CheckpointError, TrainingError, UserError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
-from cbam_train.reporting.stage_attention import StageAttention
+from cbam_train.reporting.explain_report import StageAttention
 from cbam_train.reporting.tracking import MlflowTracker
 from cbam_train.state.atomic import atomic_save
-from cbam_train.state.checkpointer import Checkpointer
 from cbam_train.state.resume import check_resume, find_resume
 from cbam_train.state.run_state import RunParts, RunState
 from cbam_train.state.weights import cpu_snapshot
 from cbam_train.training import distributed, plateau
+from cbam_train.training.checkpointer import Checkpointer
 from cbam_train.training.device import setup_device
 from cbam_train.training.engine import EpochResult, evaluate, train_one_epoch
 from cbam_train.training.interrupt import Interrupted, StopRequest

@@ -7,12 +7,11 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from cbam_train.state.run_state import RunParts, RunState
+from cbam_train.state.rng import capture_rng
+from cbam_train.state.run_state import EpochState, RunParts, RunState
 from cbam_train.state.weights import cpu_snapshot, save_checkpoint
 from cbam_train.training import distributed
 from cbam_train.training.distributed import Dist
-from cbam_train.training.engine import EpochState
-from cbam_train.training.rng import capture_rng
 
 
 class BackgroundSaver:
