@@ -75,7 +75,7 @@ def make_cfg():
 # some CI pods) would make a plain run join a process group.
 SCRUBBED_ENV = ("HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
-SCRUBBED_PREFIXES = ("TORCHELASTIC_", "SUBMITIT_")
+SCRUBBED_PREFIXES = ("TORCHELASTIC_", "SUBMITIT_", "SLURM_")  # SLURM_: a test suite run inside a SLURM job
 
 
 def child_threads() -> str:

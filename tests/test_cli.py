@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import call_cli, compose_config
 
 from cbam_train.models import build_model
 
@@ -80,6 +80,9 @@ def test_smoke_run_console_and_log_are_plain_when_captured(smoke_run):
         assert "schedule.stages.head.lr: 0.003 (default 0.001)" in text and "overrides    experiment=smoke" in text
         assert f"full config  {run / '.hydra' / 'config.yaml'} (" in text and "\nmodel:\n  name: " not in text
     assert proc.stdout.index("changed ") < proc.stdout.index("stage 1/3 'head'")
+    # the data line names the CPU share torch's threads come from (the run's own environment decides which)
+    assert re.search(r"^data: synthetic \|.*\| \d+ thread\(s\) \((CPU affinity|SLURM_CPUS_PER_TASK=\d+|cgroup [^)]*|"
+                     r"OMP_NUM_THREADS)\)$", proc.stdout, re.M)
 
 
 @pytest.mark.slow
@@ -184,3 +187,16 @@ def test_existing_run_dir_is_refused_and_left_alone(cli, tmp_path, existing):
     assert "already holds a run" in one_error_line(proc)
     assert (run / existing).read_text() == "precious\n"
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [existing]
+
+
+def test_help_lists_every_task_of_the_registry_and_the_groups(tmp_path):
+    """--help is built from config/tasks.py: a new task shows there without editing any text."""
+    from cbam_train.config.tasks import TASKS
+
+    proc = call_cli(["--help"], tmp_path)
+    assert proc.returncode == 0 and not list(tmp_path.iterdir())  # help writes nothing
+    lines = proc.stdout.splitlines()
+    for name, task in TASKS.items():
+        assert any(ln.split() and ln.split()[0] == f"task={name}" and ln.endswith(task.about) for ln in lines), name
+    assert any(ln.startswith("data: cifar10, imagefolder, synthetic") for ln in lines)
+    assert "powered by Hydra" not in proc.stdout and "cbam-train resume=RUN_DIR" in proc.stdout

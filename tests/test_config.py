@@ -59,6 +59,8 @@ from cbam_train.config.errors import ConfigError
     ("data.eval_batch_size=0", "data.eval_batch_size must be > 0"),
     ("data.augment_chunk=0", "data.augment_chunk must be > 0"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("device.threads=0", "device.threads must be in [1, 1024] or null"),
+    ("device.threads=2000", "device.threads must be in [1, 1024] or null"),
     ("data.val_size=-1", "data.val_size must be >= 0"),
     ("data.limit=0", "data.limit must be > 0"),
     ("task=tune", "task: unknown value 'tune'; choose one of: train, eval, bench, lr_find"),

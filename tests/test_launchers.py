@@ -159,3 +159,58 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
                                failed=[r["job"] for r in rows if r["status"] == "failed"])
     study = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert study["best_value"] == next(r["best_val_acc"] for r in rows if r["status"] == "completed")
+
+
+def test_a_requeued_job_resumes_from_its_own_checkpoint(tmp_path):
+    """SLURM_RESTART_COUNT >= 1 with checkpoints/last.pt: resume from the run dir; a first start: nothing; a job
+    requeued before its first checkpoint starts over, its first attempt's files kept in attempt-<n>/."""
+    from cbam_train.cli.launchers import requeued_resume
+
+    run = tmp_path / "0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert requeued_resume(run, {}) is None and requeued_resume(run, {"SLURM_RESTART_COUNT": "0"}) is None
+    assert requeued_resume(run, {"SLURM_RESTART_COUNT": "1"}) == str(run)
+    assert requeued_resume(tmp_path / "never", {"SLURM_RESTART_COUNT": "2"}) is None  # no run dir yet
+    early = tmp_path / "1"
+    (early / ".hydra").mkdir(parents=True)
+    (early / "train.log").write_text("attempt 1")
+    (early / "status.json").write_text("{}")  # the sweep's own record stays where the sweep reads it
+    assert requeued_resume(early, {"SLURM_RESTART_COUNT": "1"}) is None
+    assert sorted(p.name for p in early.iterdir()) == ["attempt-1", "status.json"]
+    assert (early / "attempt-1" / "train.log").read_text() == "attempt 1" and (early / "attempt-1" / ".hydra").is_dir()
+
+
+def test_sacct_errors_are_said_once_per_sweep():
+    import logging
+
+    from cbam_train.cli.launchers import quiet_sacct
+
+    said, logger = [], logging.getLogger("submitit.test_sacct_once")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    logger.propagate = False
+    quiet_sacct(said.append, logger)
+    quiet_sacct(said.append, logger)  # idempotent: one filter
+    for call in range(1, 4):
+        logger.warning(f"Call #{call} - Bypassing sacct error Command '['sacct']' returned non-zero exit status 1.")
+    logger.warning("Job 12 failed")  # any other record passes
+    assert len(said) == 1 and "sacct" in said[0]
+    assert [r.getMessage() for r in seen] == ["Job 12 failed"]
+
+
+def test_a_refused_submission_becomes_one_line():
+    from cbam_train.cli.hydra_errors import failure_line, submission_refused
+
+    printed = ("sbatch: error: Invalid generic resource (gres) specification\n"
+               "subprocess.CalledProcessError: Command '['sbatch', '/s/.submitit/x.sh']' returned non-zero exit "
+               "status 1.\n\nThe above exception was the direct cause of the following exception:\n\n"
+               "Traceback (most recent call last):\n  File \"/x/submitit/core/utils.py\", line 359, in __call__\n"
+               "submitit.core.utils.FailedJobError: sbatch: error: Invalid generic resource (gres) specification\n")
+    line = failure_line(printed, [])
+    assert line == submission_refused(printed) and "\n" not in line
+    assert line.startswith("hydra/launcher=slurm: sbatch refused the job: sbatch: error: Invalid generic resource")
+    assert "hydra.launcher.gpus_per_node" in line
+    assert submission_refused(printed.replace("'sbatch'", "'squeue'")) is None  # not a submission

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, cast
 
@@ -17,8 +18,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from cbam_train.cli.hydra_errors import condense_hydra_error, failure_line, raised_by_hydra
-from cbam_train.cli.launchers import is_main_process, submitit_ranks
+from cbam_train.cli.hydra_errors import condense_hydra_error, failure_line, raised_by_hydra, submission_refused
+from cbam_train.cli.launchers import is_main_process, quiet_sacct, requeued_resume, submitit_ranks
 from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides
 from cbam_train.cli.sweep import JobEnd, write_status
 from cbam_train.config.errors import UserError
@@ -40,8 +41,30 @@ def find_conf_dir() -> Path:
 
 
 def register_configs() -> None:
-    """Register the schema (as `config_schema`, first in conf/config.yaml's defaults) with Hydra."""
+    """Register the schema (as `config_schema`, first in conf/config.yaml's defaults) and --help's text (as
+    hydra/help=cbam, with the tasks from the registry) with Hydra."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    ConfigStore.instance().store(group="hydra/help", name="cbam", node=help_config())
+
+
+def help_config() -> dict:
+    """`cbam-train --help`: what the tool is, how it is called, the tasks (config/tasks.py), the groups, the
+    composed config, where the guide is. $APP_CONFIG_GROUPS and $CONFIG are Hydra's to fill."""
+    width = max(len(name) for name in TASKS)
+    tasks = "\n".join(f"  task={name:<{width}}  {task.about}" for name, task in TASKS.items())
+    header = ("cbam-train: staged fine-tuning of ResNet18 with CBAM attention on CIFAR-10 (downloaded) or any "
+              "folder of images in ImageFolder layout (root/train/<class>/*.jpg).\n\n"
+              "Usage: cbam-train [group=option ...] [key=value ...]      one run, into outputs/<date>/<time>/\n"
+              "       cbam-train -m key=a,b [...]                        a sweep, one job per combination\n"
+              "       cbam-train resume=RUN_DIR                          continue a stopped run exactly\n"
+              "       cbam-train experiment=smoke                        a 13 s CPU run on generated data\n")
+    template = ("${hydra.help.header}\n== Tasks ==\n" + tasks + "\n\n== Configuration groups ==\n"
+                "Choose one option per group (group=option)\n\n$APP_CONFIG_GROUPS\n\n"
+                "== Config ==\nOverride any key (key=value); the schema's comments say what each one means "
+                "(cbam_train/config/schema.py)\n\n$CONFIG\n\n${hydra.help.footer}")
+    footer = ("Guide: README.md, docs/ (running, data, fine-tuning, explain, predict-export, scaling, tracking, "
+              "configuration, errors).\nHydra's own options: --hydra-help")
+    return {"app_name": "cbam-train", "header": header, "footer": footer, "template": template}
 
 
 def _value(args: list, key: str) -> str | None:
@@ -175,6 +198,9 @@ def run_task(dcfg: DictConfig) -> Optional[float]:
     sweep = hc.mode == RunMode.MULTIRUN
     try:
         job = JobInfo(hc.job.name, overrides, hc.job.num if sweep else None, hc.sweep.dir if sweep else None)
+        requeued = requeued_resume(run_dir)
+        if requeued is not None and OmegaConf.select(dcfg, "resume") is None:  # a timed-out or preempted job
+            dcfg.resume = requeued
         value = _job(dcfg, run_dir, overrides, job)
     except BaseException as e:
         if isinstance(e, SystemExit):
@@ -208,6 +234,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(find_conf_dir()), c
 def main() -> None:
     """Console entry point. Hydra's own composition errors are captured and shown as one line."""
     register_configs()
+    quiet_sacct(lambda line: print_error(line, "warning"))
     sys.argv = sys.argv[:1] + with_recorded_overrides(sys.argv[1:])
     captured = CapturedStderr(sys.stderr)
     sys.stderr = captured
@@ -227,8 +254,11 @@ def main() -> None:
             fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2)
         sys.stderr.write(captured.getvalue())
         raise
-    except BaseException:
+    except BaseException as e:
         sys.stderr = captured.real
+        refused = submission_refused("".join(traceback.format_exception(e)))  # HYDRA_FULL_ERROR=1 lets it out
+        if refused:  # submitit printed sbatch's stderr into `captured` already: the line quotes it
+            fail(refused, 2)
         sys.stderr.write(captured.getvalue())
         raise
     sys.stderr = captured.real

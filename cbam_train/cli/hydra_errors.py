@@ -122,9 +122,25 @@ def hydra_traceback_line(text: str) -> Optional[str]:
 def failure_line(text: str, args: list) -> Optional[str]:
     """What Hydra printed before exiting with an error, as one line for `error: ...`; None when it is not one of
     the errors above (then it is shown as it is)."""
-    line = os_error_line(text) or usage_error(text) or hydra_traceback_line(text)
+    line = os_error_line(text) or usage_error(text) or submission_refused(text) or hydra_traceback_line(text)
     if line:
         return line
     if "HYDRA_FULL_ERROR" in text and "Traceback (most recent call last)" not in text:  # composition
         return f"config: {condense_hydra_error(text)}{quoting_hint(text, args)}"
     return None
+
+
+# the launcher keys a refused SLURM submission most often comes from (slurm.yaml's defaults ask for a GPU)
+SUBMISSION_KEYS = ("hydra.launcher.gpus_per_node", "hydra.launcher.partition", "hydra.launcher.mem_gb")
+
+
+def submission_refused(text: str) -> Optional[str]:
+    """One line for a job the cluster refused, from the traceback Hydra printed (or an exception's, formatted):
+    submitit's FailedJobError from sbatch, as sbatch's own error and the keys to check; None for anything else."""
+    marker = "submitit.core.utils.FailedJobError: "
+    if marker not in text or "Command '['sbatch'" not in text:
+        return None
+    lines = [ln.strip() for ln in text[text.rindex(marker) + len(marker):].splitlines() if ln.strip()]
+    said = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "no message")
+    return (f"hydra/launcher=slurm: sbatch refused the job: {said}; check {', '.join(SUBMISSION_KEYS)} "
+            "(hydra.launcher.gpus_per_node=0 on a cluster without GPUs)")

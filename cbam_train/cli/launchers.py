@@ -1,13 +1,19 @@
 """Jobs started by Hydra's launcher plugins. A submitit job with several tasks (SLURM's
 `hydra.launcher.tasks_per_node=N` / `nodes=M`, or submitit_local's) runs one process per task but sets only
 submitit's variables; the run reads torchrun's (distributed.from_env), so each task gets them here, before
-the run starts. Under torchrun, or in a single-task job, nothing changes."""
+the run starts. Under torchrun, or in a single-task job, nothing changes.
+
+submitit.helpers.TorchDistributedEnvironment does the same mapping, but not as this needs it: its export()
+rewrites CUDA_VISIBLE_DEVICES (the run picks cuda:LOCAL_RANK itself) and os.environ in place (these are
+returned, to test), and it draws MASTER_PORT at random in 20000-60000, which overlaps Linux's ephemeral ports."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Mapping, Optional
+from pathlib import Path
+from typing import Callable, Mapping, Optional
 
 # MASTER_PORT from the job's own id (SLURM_JOB_ID: unique per array task), so the tasks of one job agree without
 # talking; below Linux's ephemeral range (32768-60999), where outgoing connections take their ports
@@ -35,3 +41,48 @@ def is_main_process(environ: Optional[Mapping[str, str]] = None) -> bool:
     """Rank 0, or the only process: the one that records a sweep job's status."""
     environ = os.environ if environ is None else environ
     return int(environ.get("RANK", "0")) == 0
+
+
+class SacctOnce(logging.Filter):
+    """On a cluster without job accounting submitit warns 'Bypassing sacct error' at every poll, each record
+    printed by three handlers (24 lines for a small sweep). Those records are dropped; the first one is said as
+    one warning line of ours instead."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self.say, self.seen = say, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        if not self.seen:
+            self.seen = True
+            self.say("SLURM's job accounting (sacct) does not answer here, so submitit follows the jobs without it "
+                     "(said once per sweep)")
+        return False
+
+
+def quiet_sacct(say: Callable[[str], None], logger: Optional[logging.Logger] = None) -> None:
+    """Put one SacctOnce on submitit's logger (once per process: one per sweep)."""
+    logger = logger or logging.getLogger("submitit")
+    if not any(isinstance(f, SacctOnce) for f in logger.filters):
+        logger.addFilter(SacctOnce(say))
+
+
+def requeued_resume(run_dir: Path, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """For a SLURM job started again after a timeout or a preemption (SLURM_RESTART_COUNT >= 1): its own run
+    dir to resume from, when that holds a checkpoint (None otherwise: a first start). A job requeued before its
+    first checkpoint starts over: what its first attempt wrote moves into <run dir>/attempt-<n>/, kept."""
+    environ = os.environ if environ is None else environ
+    restarts = environ.get("SLURM_RESTART_COUNT", "")
+    if not restarts.isdigit() or int(restarts) < 1 or not run_dir.is_dir():
+        return None
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return str(run_dir)
+    earlier = [p for p in run_dir.iterdir() if not p.name.startswith("attempt-") and p.name != "status.json"]
+    if earlier:
+        attempt = run_dir / f"attempt-{restarts}"
+        attempt.mkdir(exist_ok=True)
+        for path in earlier:
+            path.rename(attempt / path.name)
+    return None

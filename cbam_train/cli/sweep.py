@@ -117,6 +117,9 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         release_stderr()  # the sweep is composed: the parent's stderr is its own again, for the sweep's whole run
+        # an error while launching (sbatch refusing the jobs) reaches cli/command.main as the exception, which
+        # it turns into one line, rather than as the traceback Hydra would print (Hydra reads this when it fails)
+        os.environ["HYDRA_FULL_ERROR"] = "1"
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

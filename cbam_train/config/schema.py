@@ -186,6 +186,9 @@ class DeviceConfig:
     compile_backend: str = "inductor"  # inductor | aot_eager (debugging) | eager
     cudnn_benchmark: bool = True  # CUDA only
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
+    # torch's CPU threads per process; null: OMP_NUM_THREADS when set, else the process's CPU share (its affinity,
+    # SLURM_CPUS_PER_TASK, a cgroup quota: the fewest), so jobs sharing a node do not oversubscribe it
+    threads: Optional[int] = None
 
 
 @dataclass

@@ -42,7 +42,7 @@ TASKS = {task.name: task for task in (
     Task("train", "cbam_train.training.train:run", False,
          "the staged run: checkpoints, metrics, curves.png, model.pt, summary.json", shows_config=True),
     Task("eval", "cbam_train.tasks.evaluate:run_eval", True,
-         "a checkpoint on the val and test splits: eval.json, confusion.png, top_losses.png"),
+         "a checkpoint on the val or test split (eval.split): eval.json, confusion.png, top_losses.png"),
     Task("bench", "cbam_train.tasks.bench:run_bench", False,
          "throughput of each part of a training step: bench.json"),
     Task("lr_find", "cbam_train.tasks.lr_find:run_lr_find", False,
@@ -52,5 +52,5 @@ TASKS = {task.name: task for task in (
     Task("export", "cbam_train.tasks.export:run_export", True,
          "a checkpoint to ONNX or TorchScript, checked against PyTorch: model.onnx|model.ts, model.json"),
     Task("explain", "cbam_train.tasks.explain:run_explain", True,
-         "a checkpoint's attention on validation images: attention.png, gates.png, attention.json"),
+         "a checkpoint's attention on a fixed image set (explain.split): attention.png, gates.png, attention.json"),
 )}

@@ -34,6 +34,7 @@ from cbam_train.config.tasks import TASKS
 
 MAX_SEED = 2**63 - 1  # torch takes up to 2^64 - 1; the margin leaves room for the per-rank and per-split offsets
 MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below it layer4's 1x1 map is mostly padding
+MAX_THREADS = 1024  # torch's CPU threads per process: past any machine's cores
 MAX_WIDTH = 1024  # 16x ResNet18's channels: ~2.8 G parameters, past one GPU's memory with Adam state
 POLICIES = ("none", "trivial", "autoaugment")  # augment.policy
 
@@ -257,6 +258,9 @@ def _check_device(cfg: Config) -> None:
     _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
     _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
+    threads = cfg.device.threads
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"device.threads must be in [1, {MAX_THREADS}] or null (the CPU share), got {threads}")
 
 
 def _check_run(cfg: Config) -> None:

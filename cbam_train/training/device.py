@@ -3,10 +3,12 @@ format) and torch.compile. Shared by training, evaluation and the benchmark."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional, cast
+from pathlib import Path
+from typing import Mapping, Optional, cast
 
 import numpy as np
 import torch
@@ -79,5 +81,58 @@ def resolve_device(name: str) -> torch.device:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPUs this process may use: its CPU share (cpu_share)."""
+    return cpu_share()[0]
+
+
+CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" in microseconds, or "max <period>"
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1: no quota
+
+
+def cpu_share(environ: Optional[Mapping[str, str]] = None, cgroup_root: Optional[Path] = None) -> tuple:
+    """(CPUs, where that figure comes from): the fewest of the CPUs this process may run on (its affinity
+    mask), a SLURM job's SLURM_CPUS_PER_TASK and a cgroup CPU quota (rounded up to whole CPUs), so that jobs
+    sharing a node do not each start a thread per core. `cgroup_root`: a stand-in for /sys/fs/cgroup (tests)."""
+    environ = os.environ if environ is None else environ
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limits = [(affinity, "CPU affinity")]
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        limits.append((int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"))
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        limits.append(quota)
+    tightest = limits[0]
+    for limit in limits[1:]:  # a tie goes to the more specific limit: SLURM's over the mask, a quota over both
+        tightest = limit if limit[0] <= tightest[0] else tightest
+    return tightest
+
+
+def _cgroup_quota(root: Optional[Path]) -> Optional[tuple]:
+    v2 = CGROUP_V2_MAX if root is None else root / "cpu.max"
+    v1 = CGROUP_V1_QUOTA if root is None else root / "cpu" / "cpu.cfs_quota_us"
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            if quota != "max":
+                return max(1, math.ceil(int(quota) / int(period))), f"cgroup cpu.max {quota} {period}"
+        elif v1.is_file() and int(v1.read_text()) > 0:
+            v1_period = int((v1.parent / "cpu.cfs_period_us").read_text())
+            return max(1, math.ceil(int(v1.read_text()) / v1_period)), "cgroup cpu.cfs_quota_us"
+    except (OSError, ValueError):  # unreadable or unexpected: no quota we can honour
+        return None
+    return None
+
+
+def set_threads(requested: Optional[int], environ: Optional[Mapping[str, str]] = None) -> str:
+    """torch's intra-op threads: device.threads when set, else OMP_NUM_THREADS when set (torch read it at
+    start), else the CPU share. Returns what the data line says, e.g. '2 threads (SLURM_CPUS_PER_TASK=2)'."""
+    environ = os.environ if environ is None else environ
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return f"{requested} thread(s) (device.threads)"
+    if environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} thread(s) (OMP_NUM_THREADS)"
+    cpus, source = cpu_share(environ)
+    torch.set_num_threads(cpus)
+    return f"{cpus} thread(s) ({source})"

@@ -25,7 +25,7 @@ from cbam_train.state.resume import Resume
 from cbam_train.state.rundir import RUN_FILES, claim_run_dir
 from cbam_train.state.weights import load_initial_weights, load_state_dict_file, load_strict
 from cbam_train.training import distributed
-from cbam_train.training.device import available_cpus, resolve_device, seed_everything
+from cbam_train.training.device import available_cpus, resolve_device, seed_everything, set_threads
 from cbam_train.training.distributed import Dist
 from cbam_train.training.schedule import (
     check_trainable,
@@ -132,6 +132,7 @@ def prepare_data(cfg: Config, device: torch.device, rep: Reporter, shard: tuple 
     splits = build_splits(cfg.data, cfg.seed, cfg.model.num_classes, warn=rep.warn)
     if world > 1 and rank == 0:
         distributed.barrier()
+    threads = set_threads(cfg.device.threads)
     workers = min(cfg.data.num_workers, available_cpus())  # more workers than CPUs only thrash
     t0 = time.perf_counter()
     loaders = build_loaders(splits, cfg.data, cfg.augment, device, cfg.seed, workers, cfg.device.compile, shard)
@@ -145,7 +146,7 @@ def prepare_data(cfg: Config, device: torch.device, rep: Reporter, shard: tuple 
            if loaders.kind == "memory" else f"torchvision DataLoader, {workers} worker(s)")
     rep.print(f"data: {cfg.data.name} | train {len(splits.train)} | val {len(splits.val)} | "
               f"test {len(splits.test) if splits.test is not None else 'none'} | classes {len(splits.classes)} | "
-              f"{how}")
+              f"{how} | {threads}")
     return splits, loaders
 
 
