@@ -84,6 +84,13 @@ def child_threads() -> str:
     return os.environ.get("OMP_NUM_THREADS") or str(max(1, min(4, len(os.sched_getaffinity(0)))))
 
 
+# This process's own runs take their threads as a child does (training/device.set_threads leaves torch's count
+# alone when OMP_NUM_THREADS is set): the same float summation order in a test's in-process runs and its children's,
+# on a machine of any size.
+os.environ.setdefault("OMP_NUM_THREADS", child_threads())
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def child_env(extra: dict | None = None) -> dict:
     """The environment for a child process of the tests: the machine's, less what would change the run."""
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV and not k.startswith(SCRUBBED_PREFIXES)}

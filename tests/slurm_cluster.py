@@ -43,13 +43,14 @@ def _free_ports(n: int) -> list:
 @dataclass
 class Cluster:
     root: Path
-    env: dict  # os.environ with SLURM_CONF (and /usr/sbin on PATH): what a client needs to reach this cluster
+    env: dict  # SLURM_CONF and a PATH with /usr/sbin: what a client adds to its environment to reach this cluster
     socket_dir: Path  # munged's socket: a folder every user may enter (munged refuses pytest's 0700 tmp dirs)
     procs: list = field(default_factory=list)  # the daemons, in start order
     held: dict = field(default_factory=dict)  # requeued job id -> when release_requeued first saw it held
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60, check=check)
+        return subprocess.run(list(args), env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=60, check=check)
 
     def jobs(self) -> list:
         """(job id, state, reason) of every job the controller knows and has not purged."""
@@ -120,7 +121,7 @@ def start(root: Path) -> Cluster:
     socket_dir.chmod(0o755)
     sock = socket_dir / "munge.sock"
     conf.write_text(_conf(root, sock, ctld_port, d_port))
-    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])}
+    env = {"SLURM_CONF": str(conf), "PATH": os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])}
     cluster = Cluster(root, env, socket_dir)
     commands = [
         ["munged", "-F", f"--socket={sock}", f"--key-file={key}", f"--pid-file={root}/munged.pid",
@@ -131,8 +132,8 @@ def start(root: Path) -> Cluster:
     try:
         for command in commands:
             out = open(root / f"{command[0]}.out", "w")
-            cluster.procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                  start_new_session=True))
+            cluster.procs.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=out,
+                                                  stderr=subprocess.STDOUT, start_new_session=True))
             if command[0] == "munged":
                 cluster.wait_for(lambda: sock.exists() or cluster.procs[0].poll() is not None, READY_S,
                                  why="munged's socket")

@@ -50,16 +50,30 @@ def subpackage(module: str) -> str:
     return module.split(".")[0]
 
 
-def test_the_tree_in_architecture_md_is_the_package():
-    """The tree that opens ARCHITECTURE.md names every subpackage and module there is, and no other; each
-    subpackage's __init__.py has a one-line docstring."""
+def drawn_tree() -> set:
+    """The paths the tree that opens ARCHITECTURE.md draws: 'config/', 'config/schema.py', '__main__.py', ..."""
     text = ARCHITECTURE.read_text()
-    tree = text[text.index("```text"):text.index("```", text.index("```text") + 7)]
-    drawn = {line.split()[0] for line in tree.splitlines()[1:] if line.strip()}  # each line's first word
-    there = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    start = text.index("```text")
+    block = text[start:text.index("```", start + 7)].splitlines()[2:]  # after the fence and cbam_train/
+    paths, folder = set(), ""
+    for line in block:
+        if not line.strip():
+            continue
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        if indent == 2:
+            folder = name if name.endswith("/") else ""
+            paths.add(name)
+        else:
+            paths.add(folder + name)
+    return paths
+
+
+def test_the_tree_in_architecture_md_is_the_package():
+    """The tree that opens ARCHITECTURE.md names every subpackage and module there is, each in its subpackage,
+    and no other; each subpackage's __init__.py has a one-line docstring."""
+    there = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
     there |= {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert there - drawn == set(), "in the package but not in ARCHITECTURE.md's tree"
-    assert drawn - there - {"cbam_train/"} == set(), "in ARCHITECTURE.md's tree but not in the package"
+    assert drawn_tree() == there
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(modules()[f"{init.parent.name}.__init__"])
         assert doc and "\n" not in doc.strip(), f"{init.parent.name}/__init__.py: a one-line docstring"
@@ -86,6 +100,14 @@ def test_hydra_and_omegaconf_stay_in_cli(library):
     assert users and all(subpackage(m) == "cli" for m in users), users
 
 
+def test_no_subpackage_imports_a_task_module():
+    """tasks/ is reached through the registry (config/tasks.py names each runner by string), not by import."""
+    users = {m for m, tree in modules().items() if subpackage(m) != "tasks"
+             for target in imported(tree) if target.startswith("cbam_train.tasks")}
+    assert users == set()
+    assert all(task.runner.startswith(("cbam_train.tasks.", "cbam_train.training.train:")) for task in TASKS.values())
+
+
 def test_config_imports_neither_torch_nor_the_rest():
     """config/ is read at start-up, before a config error is answered: no torch, nothing above it."""
     for module, tree in modules().items():
@@ -96,15 +118,19 @@ def test_config_imports_neither_torch_nor_the_rest():
 
 
 def _key_reads(tree: ast.AST) -> list:
-    """String keys read from a variable named like a checkpoint: ckpt["epoch"], meta.get("data")."""
+    """String keys read from a name or attribute called like a checkpoint: ckpt["epoch"], meta.get("data"),
+    state.checkpoint["history"]."""
     reads = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+        if isinstance(node, ast.Subscript) and isinstance(node.value, (ast.Name, ast.Attribute)) \
                 and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
-            name, key = node.value.id, node.slice.value
+            value = node.value
+            name, key = (value.id if isinstance(value, ast.Name) else value.attr), node.slice.value
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
-                and isinstance(node.func.value, ast.Name) and node.args and isinstance(node.args[0], ast.Constant):
-            name, key = node.func.value.id, node.args[0].value
+                and isinstance(node.func.value, (ast.Name, ast.Attribute)) and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            owner = node.func.value
+            name, key = (owner.id if isinstance(owner, ast.Name) else owner.attr), node.args[0].value
         else:
             continue
         if name in CHECKPOINT_NAMES:

@@ -1,5 +1,5 @@
-"""training/device.py: the CPU share a process may use (affinity, SLURM_CPUS_PER_TASK, a cgroup quota) and the
-threads torch gets from it. Stand-in cgroup folders and environments; no training."""
+"""training/device.py: the CPU share a process may use (affinity, SLURM_CPUS_PER_TASK, a cgroup quota of its own
+cgroup or a parent's) and the threads torch gets from it. Stand-in cgroup folders and environments; no training."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from cbam_train.training.device import cpu_share, set_threads
 
 AFFINITY = len(os.sched_getaffinity(0))
+V2_ONLY = "0::/"  # /proc/self/cgroup of a process in the root cgroup of a v2 hierarchy
 
 
 @pytest.fixture
@@ -20,35 +21,38 @@ def threads_restored():
     torch.set_num_threads(before)
 
 
-def cgroup(folder, v2: str | None = None, v1: tuple | None = None):
-    """A stand-in /sys/fs/cgroup in `folder` (new) with a v2 cpu.max line or v1's (quota, period)."""
-    root = folder / "cgroup"
-    root.mkdir(parents=True)
-    if v2 is not None:
-        (root / "cpu.max").write_text(v2 + "\n")
-    if v1 is not None:
-        (root / "cpu").mkdir()
-        (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{v1[0]}\n")
-        (root / "cpu" / "cpu.cfs_period_us").write_text(f"{v1[1]}\n")
+def folder_with(tmp_path, files: dict):
+    """A stand-in /sys/fs/cgroup holding `files` ({relative path: text})."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 def test_without_limits_the_share_is_the_affinity_mask(tmp_path):
-    assert cpu_share({}, cgroup(tmp_path)) == (AFFINITY, "CPU affinity")
-    assert cpu_share({}, cgroup(tmp_path / "max", v2="max 100000")) == (AFFINITY, "CPU affinity")  # no quota
-    assert cpu_share({}, cgroup(tmp_path / "a", v1=(-1, 100000)))[0] == AFFINITY
-    assert cpu_share({"SLURM_CPUS_PER_TASK": str(AFFINITY + 3)}, cgroup(tmp_path / "b"))[0] == AFFINITY  # the least
+    assert cpu_share({}, folder_with(tmp_path, {}), V2_ONLY) == (AFFINITY, "CPU affinity")
+    assert cpu_share({}, folder_with(tmp_path / "a", {"cpu.max": "max 100000"}), V2_ONLY)[0] == AFFINITY
+    v1 = {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}
+    assert cpu_share({}, folder_with(tmp_path / "b", v1), "1:cpu:/")[0] == AFFINITY
+    assert cpu_share({"SLURM_CPUS_PER_TASK": str(AFFINITY + 3)}, folder_with(tmp_path / "c", {}), V2_ONLY)[0] \
+        == AFFINITY  # the least of the limits
+    assert cpu_share({"SLURM_CPUS_PER_TASK": "0"}, folder_with(tmp_path / "d", {}), V2_ONLY)[0] == AFFINITY
 
 
 def test_slurm_and_cgroup_quotas_lower_the_share(tmp_path):
-    assert cpu_share({"SLURM_CPUS_PER_TASK": "1"}, cgroup(tmp_path)) == (1, "SLURM_CPUS_PER_TASK=1")
+    assert cpu_share({"SLURM_CPUS_PER_TASK": "1"}, folder_with(tmp_path, {}), V2_ONLY) \
+        == (1, "SLURM_CPUS_PER_TASK=1")
     # 150 ms per 100 ms: 1.5 CPUs of time, rounded up; a tie with the mask goes to the quota, the more specific
-    share = cpu_share({}, cgroup(tmp_path / "a", v2="150000 100000"))
+    share = cpu_share({}, folder_with(tmp_path / "a", {"cpu.max": "150000 100000"}), V2_ONLY)
     assert share == ((2, "cgroup cpu.max 150000 100000") if AFFINITY >= 2 else (1, "CPU affinity"))
-    assert cpu_share({}, cgroup(tmp_path / "b", v2="50000 100000")) == (1, "cgroup cpu.max 50000 100000")
-    assert cpu_share({}, cgroup(tmp_path / "c", v1=(100000, 100000))) == (1, "cgroup cpu.cfs_quota_us")
-    assert cpu_share({}, cgroup(tmp_path / "d", v2="garbage"))[0] == AFFINITY  # unreadable: no quota we can use
-    assert cpu_share({"SLURM_CPUS_PER_TASK": "0"}, cgroup(tmp_path / "e"))[0] == AFFINITY  # not a share
+    # the process's own cgroup is nested (a host without a cgroup namespace); its parent holds the quota
+    nested = folder_with(tmp_path / "b", {"job/cpu.max": "50000 100000", "job/task/cpu.max": "max 100000"})
+    assert cpu_share({}, nested, "0::/job/task") == (1, "cgroup cpu.max 50000 100000")
+    v1 = {"cpu,cpuacct/slurm/cpu.cfs_quota_us": "100000", "cpu,cpuacct/slurm/cpu.cfs_period_us": "100000"}
+    assert cpu_share({}, folder_with(tmp_path / "c", v1), "2:cpu,cpuacct:/slurm") == (1, "cgroup cpu.cfs_quota_us")
+    assert cpu_share({}, folder_with(tmp_path / "d", {"cpu.max": "garbage"}), V2_ONLY)[0] == AFFINITY
 
 
 def test_threads_follow_the_key_then_omp_num_threads_then_the_share(threads_restored):
@@ -56,5 +60,7 @@ def test_threads_follow_the_key_then_omp_num_threads_then_the_share(threads_rest
     torch.set_num_threads(AFFINITY)
     assert set_threads(None, {"OMP_NUM_THREADS": "3"}).endswith("(OMP_NUM_THREADS)")
     assert torch.get_num_threads() == AFFINITY  # torch read OMP_NUM_THREADS itself at start: left alone
-    assert set_threads(None, {"SLURM_CPUS_PER_TASK": "1"}) == "1 thread(s) (SLURM_CPUS_PER_TASK=1)"
+    # this machine's own cgroup may hold a quota of 1 too, which would then be the figure named
+    said = set_threads(None, {"SLURM_CPUS_PER_TASK": "1"})
+    assert said.startswith("1 thread(s) (") and ("(SLURM_CPUS_PER_TASK=1)" in said or "(cgroup " in said)
     assert torch.get_num_threads() == 1

@@ -162,23 +162,37 @@ def test_optuna_records_a_failed_trial_and_the_search_goes_on(tmp_path):
 
 
 def test_a_requeued_job_resumes_from_its_own_checkpoint(tmp_path):
-    """SLURM_RESTART_COUNT >= 1 with checkpoints/last.pt: resume from the run dir; a first start: nothing; a job
-    requeued before its first checkpoint starts over, its first attempt's files kept in attempt-<n>/."""
+    """In a submitit job on SLURM with SLURM_RESTART_COUNT >= 1 and checkpoints/last.pt: resume from the run
+    dir. Nothing anywhere else: a first start, a plain sbatch script, a folder that is not a run, a finished run.
+    A job requeued before its first checkpoint starts over, rank 0 keeping the first attempt in attempt-<n>/."""
     from cbam_train.cli.launchers import requeued_resume
 
-    run = tmp_path / "0"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.pt").write_bytes(b"x")
-    assert requeued_resume(run, {}) is None and requeued_resume(run, {"SLURM_RESTART_COUNT": "0"}) is None
-    assert requeued_resume(run, {"SLURM_RESTART_COUNT": "1"}) == str(run)
-    assert requeued_resume(tmp_path / "never", {"SLURM_RESTART_COUNT": "2"}) is None  # no run dir yet
-    early = tmp_path / "1"
-    (early / ".hydra").mkdir(parents=True)
-    (early / "train.log").write_text("attempt 1")
+    def run_dir(name: str, *files: str):
+        folder = tmp_path / name
+        for f in (".hydra/overrides.yaml", *files):
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_text("x")
+        return folder
+
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_RESTART_COUNT": "1"}
+    run = run_dir("0", "checkpoints/last.pt", "train.log")
+    assert requeued_resume(run, job) == str(run)
+    assert requeued_resume(run, {**job, "SLURM_RESTART_COUNT": "0"}) is None  # a first start
+    assert requeued_resume(run, {"SLURM_RESTART_COUNT": "1"}) is None  # an sbatch script's own cbam-train
+    assert requeued_resume(run, {**job, "SUBMITIT_EXECUTOR": "local"}) is None
+    assert requeued_resume(run_dir("done", "checkpoints/last.pt", "summary.json"), job) is None  # finished
+    plain = tmp_path / "plain"  # a user's folder with other files: never touched
+    (plain / "notes.txt").parent.mkdir()
+    (plain / "notes.txt").write_text("mine")
+    assert requeued_resume(plain, job) is None and [p.name for p in plain.iterdir()] == ["notes.txt"]
+
+    early = run_dir("1", "train.log", "metrics.jsonl", "notes.txt")
     (early / "status.json").write_text("{}")  # the sweep's own record stays where the sweep reads it
-    assert requeued_resume(early, {"SLURM_RESTART_COUNT": "1"}) is None
-    assert sorted(p.name for p in early.iterdir()) == ["attempt-1", "status.json"]
-    assert (early / "attempt-1" / "train.log").read_text() == "attempt 1" and (early / "attempt-1" / ".hydra").is_dir()
+    assert requeued_resume(early, {**job, "RANK": "1"}) is None  # another rank: leaves the folder to rank 0
+    assert (early / "train.log").is_file()
+    assert requeued_resume(early, job) is None
+    assert sorted(p.name for p in early.iterdir()) == ["attempt-1", "notes.txt", "status.json"]
+    assert sorted(p.name for p in (early / "attempt-1").iterdir()) == [".hydra", "metrics.jsonl", "train.log"]
 
 
 def test_sacct_errors_are_said_once_per_sweep():
@@ -197,7 +211,7 @@ def test_sacct_errors_are_said_once_per_sweep():
     for call in range(1, 4):
         logger.warning(f"Call #{call} - Bypassing sacct error Command '['sacct']' returned non-zero exit status 1.")
     logger.warning("Job 12 failed")  # any other record passes
-    assert len(said) == 1 and "sacct" in said[0]
+    assert len(said) == 1 and "(sacct: Command '['sacct']' returned non-zero exit status 1.)" in said[0]
     assert [r.getMessage() for r in seen] == ["Job 12 failed"]
 
 

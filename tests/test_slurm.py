@@ -80,17 +80,18 @@ def same_run(a: Path, b: Path) -> None:
     assert list(wa) == list(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_sweep_runs_as_a_job_array_on_its_cpu_share(cluster, tmp_path):
+def test_a_sweep_runs_as_sbatch_jobs_on_their_cpu_share(cluster, tmp_path):
     sweep = tmp_path / "sweep"
     code, out, err = finish(cli(cluster, [*ON_CLUSTER, *SMALL, "lr=1e-3,3e-4", f"hydra.sweep.dir={sweep}"],
                                 tmp_path), cluster)
     assert code == 0, err
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert sorted(r["status"] for r in summary) == ["completed", "completed"]
-    for job in ("0", "1"):  # each 1-CPU job ran torch on 1 thread, and said where the figure came from
-        assert "| 1 thread(s) (SLURM_CPUS_PER_TASK=1)" in (sweep / job / "train.log").read_text()
+    for job in ("0", "1"):  # each 1-CPU job ran torch on 1 thread, and said where the figure came from (a
+        log = (sweep / job / "train.log").read_text()  # cgroup quota of 1 CPU on this machine would be named)
+        assert "| 1 thread(s) (SLURM_CPUS_PER_TASK=1)" in log or "| 1 thread(s) (cgroup" in log
     assert "Bypassing sacct" not in out + err  # no accounting here: one line of ours at most, not one per poll
-    assert (out + err).count("SLURM's job accounting (sacct) does not answer") <= 1
+    assert (out + err).count("submitit could not read the jobs' states") <= 1
 
 
 def test_a_refused_submission_is_one_line(cluster, tmp_path):
@@ -123,11 +124,14 @@ def _requeue_mid_run(cluster: Cluster, tmp_path: Path, extra: list, interrupt) -
     first = sweep / "0" / "checkpoints" / "last.pt"
     cluster.wait_for(lambda: first.is_file() or proc.poll() is not None, 120, 0.05, "job 0's first checkpoint")
     assert proc.poll() is None, "the sweep ended before job 0 could be interrupted"
-    job = next(j for j, state, _ in cluster.jobs() if j.endswith("_0") and state == "RUNNING")
+    job = next((j for j, state, _ in cluster.jobs() if j.endswith("_0") and state == "RUNNING"), None)
+    assert job is not None, f"job 0 is not running: {cluster.jobs()}"
     interrupt(job)
     code, out, err = finish(proc, cluster)
     assert code == 0, err
     assert [r["status"] for r in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"] * 2
+    assert "resuming from" in (sweep / "0" / "train.log").read_text()
+    assert "resuming from" not in (sweep / "1" / "train.log").read_text()  # the twin ran in one go
     return sweep
 
 
@@ -135,8 +139,7 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(cluster, t
     """`scontrol requeue`, as a preemption does: SIGTERM, the run checkpoints and stops, SLURM starts the job
     again, and it resumes from its own run dir."""
     sweep = _requeue_mid_run(cluster, tmp_path, [], lambda job: cluster.run("scontrol", "requeue", job))
-    log = (sweep / "0" / "train.log").read_text()
-    assert "resuming from" in log and "resuming from" not in (sweep / "1" / "train.log").read_text()
+    assert "SIGTERM received: stopping after this step" in (sweep / "0" / "train.log").read_text()
     same_run(sweep / "0", sweep / "1")
 
 
@@ -147,7 +150,9 @@ def test_a_job_at_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_one(cl
     extra = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1", "hydra.launcher.max_num_timeout=3"]
     sweep = _requeue_mid_run(cluster, tmp_path, extra,
                              lambda job: cluster.run("scancel", "--signal=USR2", job))
-    assert "resuming from" in (sweep / "0" / "train.log").read_text()
+    # the run saved its state at the signal, then submitit requeued the job
+    assert "SIGUSR2 received: stopping after this step and saving checkpoints/last.pt" in \
+        (sweep / "0" / "train.log").read_text()
     # SLURM's account of it (submitit's own log of the first attempt is overwritten by the second's)
     assert "DUE TO JOB REQUEUE" in "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.err"))
     same_run(sweep / "0", sweep / "1")

@@ -164,6 +164,9 @@ def _job(dcfg: DictConfig, run_dir: Path, overrides: list, job: JobInfo) -> Opti
         raise UserError(f"config: {e.full_key} is required; set {e.full_key}=...") from None
     except OmegaConfBaseException as e:
         raise UserError(f"config: {condense_hydra_error(str(e))}") from None
+    from cbam_train.training.device import set_threads  # torch: imported once the config is known to be good
+
+    set_threads(cfg.device.threads)  # every task: a job of eval or predict on a shared node keeps to its share
     record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
     if TASKS[cfg.task].shows_config and cfg.log.show_config == "compact":
         job.view = config_view(dcfg, run_dir, overrides, cfg.resume)

@@ -141,6 +141,6 @@ def submission_refused(text: str) -> Optional[str]:
     if marker not in text or "Command '['sbatch'" not in text:
         return None
     lines = [ln.strip() for ln in text[text.rindex(marker) + len(marker):].splitlines() if ln.strip()]
-    said = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "no message")
+    said = next((ln for ln in lines if ln.startswith("sbatch: error")), lines[0] if lines else "no message")
     return (f"hydra/launcher=slurm: sbatch refused the job: {said}; check {', '.join(SUBMISSION_KEYS)} "
             "(hydra.launcher.gpus_per_node=0 on a cluster without GPUs)")

@@ -57,8 +57,10 @@ class SacctOnce(logging.Filter):
             return True
         if not self.seen:
             self.seen = True
-            self.say("SLURM's job accounting (sacct) does not answer here, so submitit follows the jobs without it "
-                     "(said once per sweep)")
+            error = record.getMessage().split("Bypassing sacct error", 1)[1].split(", status may be")[0].strip()
+            self.say(f"submitit could not read the jobs' states from SLURM's accounting (sacct: {error}); it "
+                     "follows the jobs without it (said once per sweep; no accounting on the cluster is the usual "
+                     "cause)")
         return False
 
 
@@ -69,20 +71,27 @@ def quiet_sacct(say: Callable[[str], None], logger: Optional[logging.Logger] = N
         logger.addFilter(SacctOnce(say))
 
 
+# what a run writes into its run dir (state/rundir.RUN_FILES and the rest): all a first attempt can have left
+ATTEMPT_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "model.pt", "train.log", "checkpoints", "curves.png",
+                 "attention", "attention.jsonl", "tensorboard", "mlflow_run.json", ".hydra")
+
+
 def requeued_resume(run_dir: Path, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """For a SLURM job started again after a timeout or a preemption (SLURM_RESTART_COUNT >= 1): its own run
-    dir to resume from, when that holds a checkpoint (None otherwise: a first start). A job requeued before its
-    first checkpoint starts over: what its first attempt wrote moves into <run dir>/attempt-<n>/, kept."""
+    """In a submitit job on SLURM started again after a timeout or a preemption (SLURM_RESTART_COUNT >= 1) whose
+    run dir holds its first attempt's run: that run dir, to resume from, when it has checkpoints/last.pt. None
+    anywhere else (a first start, a plain sbatch script, a run that already finished). A job requeued before
+    its first checkpoint starts over: rank 0 moves its first attempt's files into <run dir>/attempt-<n>/."""
     environ = os.environ if environ is None else environ
     restarts = environ.get("SLURM_RESTART_COUNT", "")
-    if not restarts.isdigit() or int(restarts) < 1 or not run_dir.is_dir():
+    if (environ.get("SUBMITIT_EXECUTOR") != "slurm" or not restarts.isdigit() or int(restarts) < 1
+            or not (run_dir / ".hydra" / "overrides.yaml").is_file() or (run_dir / "summary.json").exists()):
         return None
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return str(run_dir)
-    earlier = [p for p in run_dir.iterdir() if not p.name.startswith("attempt-") and p.name != "status.json"]
-    if earlier:
+    if is_main_process(environ):
         attempt = run_dir / f"attempt-{restarts}"
         attempt.mkdir(exist_ok=True)
-        for path in earlier:
-            path.rename(attempt / path.name)
+        for name in ATTEMPT_FILES:
+            if (run_dir / name).exists():
+                (run_dir / name).rename(attempt / name)
     return None

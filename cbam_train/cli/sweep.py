@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
@@ -117,11 +117,18 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         release_stderr()  # the sweep is composed: the parent's stderr is its own again, for the sweep's whole run
-        # an error while launching (sbatch refusing the jobs) reaches cli/command.main as the exception, which
-        # it turns into one line, rather than as the traceback Hydra would print (Hydra reads this when it fails)
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        # submitit's launchers: an error while submitting (sbatch refusing the jobs) reaches cli/command.main as
+        # the exception, which it turns into one line, not as the traceback Hydra prints (Hydra reads this
+        # variable when it fails); unset again when the sweep ends. The jobs' own errors never reach Hydra.
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+            self.full_error = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if hasattr(self, "full_error"):
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+            if self.full_error is not None:
+                os.environ["HYDRA_FULL_ERROR"] = self.full_error
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
         if not rows:

@@ -85,21 +85,23 @@ def available_cpus() -> int:
     return cpu_share()[0]
 
 
-CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" in microseconds, or "max <period>"
-CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1: no quota
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")  # which cgroup this process is in: "0::/<path>" (v2), "N:cpu,...:/<path>"
 
 
-def cpu_share(environ: Optional[Mapping[str, str]] = None, cgroup_root: Optional[Path] = None) -> tuple:
+def cpu_share(environ: Optional[Mapping[str, str]] = None, cgroup_root: Optional[Path] = None,
+              proc_cgroup: Optional[str] = None) -> tuple:
     """(CPUs, where that figure comes from): the fewest of the CPUs this process may run on (its affinity
-    mask), a SLURM job's SLURM_CPUS_PER_TASK and a cgroup CPU quota (rounded up to whole CPUs), so that jobs
-    sharing a node do not each start a thread per core. `cgroup_root`: a stand-in for /sys/fs/cgroup (tests)."""
+    mask), a SLURM job's SLURM_CPUS_PER_TASK and a cgroup CPU quota (its own cgroup's or a parent's, rounded up
+    to whole CPUs), so that jobs sharing a node do not each start a thread per core. `cgroup_root` and
+    `proc_cgroup` stand in for /sys/fs/cgroup and /proc/self/cgroup's text (tests)."""
     environ = os.environ if environ is None else environ
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     limits = [(affinity, "CPU affinity")]
     slurm = environ.get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
         limits.append((int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"))
-    quota = _cgroup_quota(cgroup_root)
+    quota = _cgroup_quota(CGROUP_ROOT if cgroup_root is None else cgroup_root, proc_cgroup)
     if quota is not None:
         limits.append(quota)
     tightest = limits[0]
@@ -108,20 +110,48 @@ def cpu_share(environ: Optional[Mapping[str, str]] = None, cgroup_root: Optional
     return tightest
 
 
-def _cgroup_quota(root: Optional[Path]) -> Optional[tuple]:
-    v2 = CGROUP_V2_MAX if root is None else root / "cpu.max"
-    v1 = CGROUP_V1_QUOTA if root is None else root / "cpu" / "cpu.cfs_quota_us"
+def _cgroup_quota(root: Path, proc_cgroup: Optional[str]) -> Optional[tuple]:
+    """The smallest CPU quota on the way from this process's cgroup up to the root, as (CPUs, source)."""
     try:
-        if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            if quota != "max":
-                return max(1, math.ceil(int(quota) / int(period))), f"cgroup cpu.max {quota} {period}"
-        elif v1.is_file() and int(v1.read_text()) > 0:
-            v1_period = int((v1.parent / "cpu.cfs_period_us").read_text())
-            return max(1, math.ceil(int(v1.read_text()) / v1_period)), "cgroup cpu.cfs_quota_us"
-    except (OSError, ValueError):  # unreadable or unexpected: no quota we can honour
+        text = PROC_CGROUP.read_text() if proc_cgroup is None else proc_cgroup
+    except OSError:
+        text = ""
+    found = []
+    for line in text.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: <root>/<path>/cpu.max, "<quota> <period>" or "max <period>"
+            folders, name = _up(root, path), "cpu.max"
+        elif "cpu" in controllers.split(","):  # v1: <root>/<controllers>/<path>/cpu.cfs_quota_us, -1: none
+            folders, name = _up(root / controllers, path) + _up(root / "cpu", path), "cpu.cfs_quota_us"
+        else:
+            continue
+        for folder in folders:
+            quota = _read_quota(folder, name)
+            if quota is not None:
+                found.append(quota)
+    return min(found, key=lambda q: q[0]) if found else None
+
+
+def _up(base: Path, path: str) -> list:
+    """base/path and each of its parents up to base."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _read_quota(folder: Path, name: str) -> Optional[tuple]:
+    try:
+        if name == "cpu.max":
+            quota, period = (folder / name).read_text().split()[:2]
+            if quota == "max":
+                return None
+            return max(1, math.ceil(int(quota) / int(period))), f"cgroup cpu.max {quota} {period}"
+        quota_us = int((folder / name).read_text())
+        if quota_us <= 0:
+            return None
+        period_us = int((folder / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota_us / period_us)), "cgroup cpu.cfs_quota_us"
+    except (OSError, ValueError):  # no such file here, or unexpected content: no quota we can honour
         return None
-    return None
 
 
 def set_threads(requested: Optional[int], environ: Optional[Mapping[str, str]] = None) -> str:
