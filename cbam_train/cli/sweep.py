@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,27 @@ def summary_table(rows: list, sweep_dir: Path) -> Table:
     return t
 
 
+class SbatchEchoDropped:
+    """sys.stderr during a submitit sweep, less submitit's echo of a refused sbatch's stderr (it prints it before
+    raising FailedJobError): cli/command.main says the error as one line that quotes it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self._newline_too = real, False
+
+    def write(self, text: str) -> int:
+        if text.startswith("sbatch: error:"):  # print(stderr, file=sys.stderr): the text, then "\n" on its own
+            self._newline_too = True
+            return len(text)
+        if self._newline_too and text == "\n":
+            self._newline_too = False
+            return 1
+        self._newline_too = False
+        return self.real.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 class SweepSummary(Callback):
     """Registered in conf/config.yaml (hydra.callbacks.sweep_summary); Hydra calls it after the last job."""
 
@@ -123,8 +145,11 @@ class SweepSummary(Callback):
         if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
             self.full_error = os.environ.get("HYDRA_FULL_ERROR")
             os.environ["HYDRA_FULL_ERROR"] = "1"
+            sys.stderr = SbatchEchoDropped(sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if isinstance(sys.stderr, SbatchEchoDropped):
+            sys.stderr = sys.stderr.real
         if hasattr(self, "full_error"):
             os.environ.pop("HYDRA_FULL_ERROR", None)
             if self.full_error is not None:
