@@ -93,7 +93,8 @@ def _conf(root: Path, sock: Path, ctld_port: int, d_port: int) -> str:
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
     return "\n".join([
-        "ClusterName=cbamtest", f"SlurmctldHost={host}", "SlurmUser=root",
+        # addresses given: a CI machine's hostname need not resolve
+        "ClusterName=cbamtest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root",
         f"SlurmctldPort={ctld_port}", f"SlurmdPort={d_port}",
         "AuthType=auth/munge", f"AuthInfo=socket={sock}",
         f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
@@ -103,7 +104,7 @@ def _conf(root: Path, sock: Path, ctld_port: int, d_port: int) -> str:
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "KillWait=5",
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-        f"NodeName={host} CPUs={cpus} RealMemory=2000 State=UNKNOWN",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=2000 State=UNKNOWN",
         f"PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""])
 
 
