@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import NARROW, PICTURES_OFF, child_env
 from slurm_cluster import INSTALL, PARTITION, Cluster, missing, start, stop
+from test_resume import assert_same_run
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,6 @@ ON_CLUSTER = ["-m", "hydra/launcher=slurm", f"hydra.launcher.partition={PARTITIO
               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
 # long enough for a requeue to land mid-run: 4 + 4 epochs of 26 steps after stage 1 (~6-20 s on 1 CPU)
 LONGER = ["data.train_size=480", "schedule.stages.high.epochs=4", "schedule.stages.full.epochs=4"]
-TIMING = ("epoch_time_s", "train_images_per_s")  # the only fields of a metrics row that differ between runs
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +65,6 @@ def finish(proc: subprocess.Popen, cluster: Cluster, timeout_s: float = 300) -> 
         raise AssertionError(f"the sweep did not end in {timeout_s:.0f} s; {cluster.log_tails()}")
     out, err = proc.communicate()
     return proc.returncode, out, err
-
-
-def rows(run: Path) -> list:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def same_run(a: Path, b: Path) -> None:
-    """Two run dirs hold the same results: metrics rows (timings aside) and model.pt, bit for bit."""
-    assert rows(a) == rows(b)
-    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
-    assert list(wa) == list(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_sweep_runs_as_sbatch_jobs_on_their_cpu_share(cluster, tmp_path):
@@ -140,7 +127,7 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_one(cluster, t
     again, and it resumes from its own run dir."""
     sweep = _requeue_mid_run(cluster, tmp_path, [], lambda job: cluster.run("scontrol", "requeue", job))
     assert "SIGTERM received: stopping after this step" in (sweep / "0" / "train.log").read_text()
-    same_run(sweep / "0", sweep / "1")
+    assert_same_run(sweep / "0", sweep / "1")  # metrics rows (timings aside) and model.pt
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_one(cluster, tmp_path):
@@ -155,4 +142,4 @@ def test_a_job_at_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_one(cl
         (sweep / "0" / "train.log").read_text()
     # SLURM's account of it (submitit's own log of the first attempt is overwritten by the second's)
     assert "DUE TO JOB REQUEUE" in "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.err"))
-    same_run(sweep / "0", sweep / "1")
+    assert_same_run(sweep / "0", sweep / "1")  # metrics rows (timings aside) and model.pt

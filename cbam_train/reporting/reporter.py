@@ -19,6 +19,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from cbam_train.config.errors import UserError
 from cbam_train.config.view import ConfigView, plain_lines, view_rows
 from cbam_train.reporting.charts import draw_curves, safe_draw, stage_spans
 from cbam_train.state.atomic import write_json_atomic, write_text_atomic
@@ -74,6 +75,18 @@ class Reporter:
         if self.tracker is not None:
             self.tracker.finish(self.run_dir, status)
         self._log_file.close()
+
+    @contextmanager
+    def closed_after(self) -> Iterator["Reporter"]:
+        """A task's body: a UserError it raises goes into train.log as well (the console gets it from the CLI);
+        the reporter closes however the body ends."""
+        try:
+            yield self
+        except UserError as e:
+            self.log_only(f"error: {e}")
+            raise
+        finally:
+            self.close()
 
     # -- text
     def print(self, *objs: Any, quiet_too: bool = False) -> None:
@@ -249,8 +262,6 @@ def check_tensorboard() -> type:
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter
     except ImportError:
-        from cbam_train.config.errors import UserError
-
         raise UserError("logger=tensorboard: the tensorboard package is not installed; pip install tensorboard "
                         "(or cbam-train[tensorboard]), or drop logger=tensorboard (metrics.csv and curves.png "
                         "are always written)") from None

@@ -48,7 +48,7 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Opt
     check_run_dir(run_dir, EVAL_FILES)
     write_record(run_dir, record)
     rep = Reporter(run_dir, cfg.log.mode)
-    try:
+    with rep.closed_after():
         data_cfg = cfg.data
         (mean, std), _ = trained_with(path, ckpt)
         if data_cfg.mean is None and data_cfg.std is None and mean and std:
@@ -81,11 +81,6 @@ def run_eval(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: Opt
         rep.print(eval_tables(out), quiet_too=True)
         rep.print(f"wrote {run_dir / 'eval.json'}, confusion.png and top_losses.png")
         return out
-    except UserError as e:
-        rep.log_only(f"error: {e}")
-        raise
-    finally:
-        rep.close()
 
 
 def readable_positions(ds: ImageDataset) -> list:

@@ -35,7 +35,7 @@ def run_explain(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
     check_run_dir(run_dir, EXPLAIN_FILES)
     write_record(run_dir, record)
     rep = Reporter(run_dir, cfg.log.mode)
-    try:
+    with rep.closed_after():
         for w in warnings:
             rep.warn(w)
         data_cfg = dataclasses.replace(cfg.data, mean=trained.mean, std=trained.std)
@@ -60,11 +60,6 @@ def run_explain(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
         rep.print(f"wrote {run_dir / 'attention.png'}, gates.png and attention.json "
                   f"({len(picked.positions)} images, {time.perf_counter() - t0:.1f} s)")
         return summary
-    except UserError as e:
-        rep.log_only(f"error: {e}")
-        raise
-    finally:
-        rep.close()
 
 
 def drift_table(summary: dict) -> Table:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from cbam_train.config.errors import ExportError, UserError
+from cbam_train.config.errors import ExportError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
 from cbam_train.data.datasets import build_splits
@@ -138,7 +138,7 @@ def run_export(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: O
     check_run_dir(run_dir, (name, "model.json", "train.log"))
     write_record(run_dir, record)
     rep = Reporter(run_dir, cfg.log.mode)
-    try:
+    with rep.closed_after():
         for w in warnings_seen:
             rep.warn(w)
         images = check_images(cfg, trained, cfg.export.check_images, rep.warn)
@@ -176,8 +176,3 @@ def run_export(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: O
         rep.print(f"exported {trained.source} -> {out} ({out.stat().st_size / 2**20:.1f} MiB) and "
                   f"{run_dir / 'model.json'} in {time.perf_counter() - t0:.1f} s", quiet_too=True)
         return model_json
-    except UserError as e:
-        rep.log_only(f"error: {e}")
-        raise
-    finally:
-        rep.close()

@@ -177,13 +177,8 @@ def run_lr_find(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
         raise UserError("task=lr_find runs in one process: start it without torchrun (and scale the suggestion "
                         "with the global batch yourself)")
     started = start_run(cfg, run_dir, record, required=LR_FIND_FILES)
-    try:
+    with started.rep.closed_after():
         return _lr_find(cfg, run_dir, started, t0)
-    except UserError as e:
-        started.rep.log_only(f"error: {e}")  # the console gets it from the CLI
-        raise
-    finally:
-        started.rep.close()
 
 
 def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:

@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from cbam_train.config.errors import ConfigError, PredictError, UserError
+from cbam_train.config.errors import ConfigError, PredictError
 from cbam_train.config.schema import Config
 from cbam_train.config.tasks import JobInfo
 from cbam_train.data.imagefolder import IMAGE_EXTENSIONS, decode_image
@@ -148,7 +148,7 @@ def run_predict(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
     check_run_dir(run_dir, PREDICT_FILES)
     write_record(run_dir, record)
     rep = Reporter(run_dir, cfg.log.mode)
-    try:
+    with rep.closed_after():
         for w in warnings:
             rep.warn(w)
         amp = setup_device(trained.model, cfg.device, device)
@@ -171,11 +171,6 @@ def run_predict(cfg: Config, run_dir: Path, record: Optional[dict] = None, job: 
             raise PredictError(f"inputs={cfg.inputs}: none of the {len(rows)} file(s) could be read, e.g. "
                                f"{bad[0]['path']} ({bad[0]['error']})")
         return {"n": len(rows), "unreadable": len(bad), "counts": dict(counts), "images_per_s": len(rows) / seconds}
-    except UserError as e:
-        rep.log_only(f"error: {e}")
-        raise
-    finally:
-        rep.close()
 
 
 def rows_table(rows: list, total: int) -> Table:
