@@ -16,8 +16,9 @@ from PIL import Image
 
 from cbam_train.config.errors import UserError
 from cbam_train.tasks import lr_find
-from cbam_train.tasks.lr_find import local_lines, lr_schedule, override_for, run_lr_find, suggest
+from cbam_train.tasks.lr_find import override_for, run_lr_find
 from cbam_train.training import session
+from cbam_train.training.range_test import local_lines, lr_schedule, suggest
 
 # 80 training images in batches of 16: 5 batches an epoch, so 10 steps go through the loader twice
 TINY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
@@ -263,7 +264,7 @@ def test_the_sweep_accumulates_and_clips_as_training_steps():
     plain SGD moves the weights by at most lr_i x the limit per step, so by sum(lr_i) x limit over the sweep."""
     from torch import nn
 
-    from cbam_train.tasks.lr_find import SweepSetup, range_test
+    from cbam_train.training.range_test import SweepSetup, range_test
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))

@@ -30,9 +30,9 @@ def train_loss_at(cfg, lr: float, steps: int, run_dir) -> float:
     import dataclasses
 
     from cbam_train.config.errors import NonFiniteLoss
-    from cbam_train.tasks.lr_find import endless
     from cbam_train.training.device import setup_device
     from cbam_train.training.engine import EpochSetup, train_one_epoch
+    from cbam_train.training.range_test import endless
     from cbam_train.training.session import build_stage
     from cbam_train.training.startup import load_weights, prepare_data, start_run
 

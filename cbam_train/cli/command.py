@@ -20,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cbam_train.cli.hydra_errors import condense_hydra_error, failure_line, raised_by_hydra, submission_refused
 from cbam_train.cli.launchers import is_main_process, quiet_sacct, requeued_resume, submitit_ranks
-from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides
+from cbam_train.cli.overrides import merge_overrides, override_key, recorded_overrides, schedule_files
 from cbam_train.cli.sweep import JobEnd, write_status
 from cbam_train.config.errors import UserError
 from cbam_train.config.schema import Config
@@ -238,7 +238,10 @@ def main() -> None:
     """Console entry point. Hydra's own composition errors are captured and shown as one line."""
     register_configs()
     quiet_sacct(lambda line: print_error(line, "warning"))
-    sys.argv = sys.argv[:1] + with_recorded_overrides(sys.argv[1:])
+    try:
+        sys.argv = sys.argv[:1] + schedule_files(with_recorded_overrides(sys.argv[1:]))
+    except UserError as e:
+        fail(str(e), e.exit_code)
     captured = CapturedStderr(sys.stderr)
     sys.stderr = captured
     try:

@@ -146,7 +146,7 @@ class PlateauConfig:
 @dataclass
 class StageConfig:
     epochs: int = 1
-    lr: float = 1e-3
+    lr: Optional[float] = 1e-3  # null: found by an lr range test (as task=lr_find's) at the stage's start
     trainable: List[str] = field(default_factory=lambda: ["all"])
     sched: SchedConfig = field(default_factory=SchedConfig)
     # module path -> multiplier of the stage's lr ({layer1: 0.1, layer4.1: 0.5}); unlisted trainable modules: 1.0
@@ -158,11 +158,32 @@ class StageConfig:
     until_plateau: Optional[PlateauConfig] = field(default_factory=PlateauConfig)
 
 
+DEFAULT_AUTO_GROUPS = [["layer4"], ["layer3"], ["layer2"], ["layer1", "conv1", "bn1"]]
+
+
+@dataclass
+class AutoScheduleConfig:
+    """schedule=auto: gradual unfreezing planned from the network. The first stage trains what is new (fc, CBAM and
+    any module no weights file filled); each further stage adds the next group down. Every stage's lr is found by a
+    range test at its start (the lr_find.* keys: range, steps) and each stage ends on its plateau."""
+
+    enabled: bool = False  # true: schedule.stages is generated at start-up (and must be empty)
+    groups: List[List[str]] = field(default_factory=lambda: [list(g) for g in DEFAULT_AUTO_GROUPS])  # head down
+    max_epochs: int = 10  # per stage: the most epochs it trains if no plateau ends it first
+    patience: int = 2  # epochs without an improvement of `metric` that end a stage (until_plateau.patience)
+    min_delta: float = 0.0
+    metric: str = "val_acc"  # val_acc | val_loss
+    restore_best: bool = True  # a stage that ends keeps its best epoch's weights
+    lr_scale: float = 1.0  # each stage's lr = its range test's suggestion x this
+    layer_decay: Optional[float] = None  # in (0, 1]: already-trained groups lower, as ULMFiT's discriminative rates
+
+
 @dataclass
 class ScheduleConfig:
     name: str = "seed"
     freeze_bn: bool = True  # BatchNorm layers of frozen modules stay in eval mode (stats frozen too)
     stages: Dict[str, StageConfig] = field(default_factory=dict)  # in run order
+    auto: AutoScheduleConfig = field(default_factory=AutoScheduleConfig)
 
 
 @dataclass

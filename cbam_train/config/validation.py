@@ -208,13 +208,18 @@ def _check_erase(a: AugmentConfig, image_size: int) -> None:
 
 
 def _check_schedule(cfg: Config) -> None:
+    if cfg.schedule.auto.enabled:
+        _check_auto(cfg)
+        return
     if not cfg.schedule.stages:
-        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml)")
+        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml), or "
+                          "let the network plan them: schedule=auto")
     for name, stage in cfg.schedule.stages.items():
         key = f"schedule.stages.{name}"
         if stage.epochs < 1:
             raise ConfigError(f"{key}.epochs must be >= 1, got {stage.epochs}")
-        _positive(f"{key}.lr", stage.lr)
+        if stage.lr is not None:  # null: found by a range test at the stage's start
+            _positive(f"{key}.lr", stage.lr)
         if not stage.trainable:
             raise ConfigError(f"{key}.trainable is empty: list modules to train, or [all]")
         _choice(f"{key}.sched.name", stage.sched.name, ("constant", "cosine", "step"))
@@ -237,6 +242,37 @@ def _check_schedule(cfg: Config) -> None:
                 raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {plateau.patience}")
             _positive(f"{key}.until_plateau.min_delta", plateau.min_delta, strict=False)
             _choice(f"{key}.until_plateau.metric", plateau.metric, ("val_acc", "val_loss"))
+
+
+def _check_auto(cfg: Config) -> None:
+    """schedule.auto (schedule=auto): the plan's keys; the stages it generates; what it decides itself."""
+    auto, key = cfg.schedule.auto, "schedule.auto"
+    if cfg.schedule.stages:
+        raise ConfigError(f"{key}.enabled=true generates the stages, but schedule.stages has "
+                          f"{', '.join(cfg.schedule.stages)}: use schedule=auto alone, or {key}.enabled=false")
+    seen: dict = {}
+    for i, group in enumerate(auto.groups):
+        if not group:
+            raise ConfigError(f"{key}.groups[{i}] is empty: list the modules that stage adds, e.g. [layer4]")
+        for module in group:
+            if module in seen:
+                raise ConfigError(f"{key}.groups: {module} is in groups[{seen[module]}] and groups[{i}]; list it once")
+            seen[module] = i
+    if auto.max_epochs < 1:
+        raise ConfigError(f"{key}.max_epochs must be >= 1, got {auto.max_epochs}")
+    if auto.patience < 1:
+        raise ConfigError(f"{key}.patience must be >= 1, got {auto.patience}")
+    _positive(f"{key}.min_delta", auto.min_delta, strict=False)
+    _choice(f"{key}.metric", auto.metric, ("val_acc", "val_loss"))
+    _positive(f"{key}.lr_scale", auto.lr_scale)
+    if auto.layer_decay is not None and not 0 < auto.layer_decay <= 1:
+        raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {auto.layer_decay}")
+    if str(cfg.stage) != "all":
+        raise ConfigError(f"stage={cfg.stage}: schedule=auto plans and runs every stage; to run one of them, replay "
+                          "the run's plan: schedule=RUN_DIR/schedule.yaml stage=...")
+    if cfg.lr is not None:
+        raise ConfigError(f"lr={cfg.lr}: schedule=auto finds each stage's lr by a range test; scale them with "
+                          f"{key}.lr_scale, or set the range with lr_find.min_lr / lr_find.max_lr")
 
 
 def _check_optim(cfg: Config) -> None:

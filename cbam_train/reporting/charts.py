@@ -3,6 +3,7 @@ state, safe on a cluster node): curves.png per run, sweep.png per sweep, lr_find
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -146,7 +147,8 @@ def short_number(value: str) -> str:
 
 def stage_spans(stage_rows: list) -> list:
     """The schedule rows a run prints, reduced to what draw_curves needs."""
-    return [{"name": r["name"], "first_epoch": r["first_epoch"], "last_epoch": r["last_epoch"], "lr": r["lr"],
+    return [{"name": r["name"], "first_epoch": r["first_epoch"], "last_epoch": r["last_epoch"],
+             "lr": r["lr"] if r["lr"] is not None else math.nan,  # null: not found yet (no lr line there)
              "epochs": r["epochs"]} for r in stage_rows]
 
 

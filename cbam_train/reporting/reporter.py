@@ -33,8 +33,8 @@ def resolve_mode(mode: str, stream=None) -> str:
     return "rich" if stream.isatty() and os.environ.get("TERM") != "dumb" else "plain"
 
 
-def fmt_lr(lr: float) -> str:
-    return f"{lr:.2e}"
+def fmt_lr(lr: Optional[float]) -> str:
+    return f"{lr:.2e}" if lr is not None else "range test"  # null: found at the stage's start
 
 
 class Reporter:
@@ -152,6 +152,10 @@ class Reporter:
                              if len(r["lr_groups"]) > 1 else "")
             t.add_row(*cells)
         self.print(t)
+
+    def update_stages(self, rows: list) -> None:
+        """The schedule as it now stands (a stage's lr found at its start): curves.png's bands and lr line."""
+        self._stages = stage_spans(rows)
 
     def banner(self, text: str) -> None:
         self.log.rule(text)

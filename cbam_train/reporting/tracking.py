@@ -22,7 +22,8 @@ DEFAULT_DIR = "mlruns"  # beside outputs/ (in the working directory)
 DB_NAME = "mlflow.db"
 RUN_FILE = "mlflow_run.json"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-ARTIFACT_GLOBS = ("curves.png", "summary.json", "metrics.csv", "attention*.png", "attention.jsonl")
+ARTIFACT_GLOBS = ("curves.png", "summary.json", "metrics.csv", "attention*.png", "attention.jsonl", "schedule.yaml",
+                  "lr_find/*.png")
 
 
 def import_client() -> type:
@@ -160,6 +161,15 @@ class MlflowTracker:
         items = [Param(k, _text(v)) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def log_params(self, params: dict) -> None:
+        """Params decided during the run (a stage's found lr): logged as new keys, never changing one."""
+        if self.run_id is None:
+            return
+        try:
+            self._log_params(params)
+        except Exception as e:
+            self._give_up(e)
 
     def log_rows(self, rows: list, only_new: bool = False) -> None:
         """Each row's numbers as metrics at step = its epoch. only_new: skip epochs the run already has (the

@@ -16,6 +16,9 @@ checked by checkpoint.load_checkpoint) holds, and a resume puts back:
   epoch, history,            the last finished epoch, the metrics rows, the best val accuracy: the loop
   best_val_acc               continues from them (the RunState's own fields); which stages are done, and where
                              the next epoch starts, follow from the rows' stage_name and stage_end
+  found_lr                   each stage whose lr a range test found (lr: null, schedule=auto): {stage name: the lr,
+                             the suggestion, the range, the picture}; a resume takes the lr from here, never
+                             re-running a finished test (the RunState's own field; {} in older checkpoints)
   stage_best                 until_plateau with restore_best: the open stage's best weights so far (model,
                              EMA) and their epoch; None otherwise (the RunState's own field)
 
@@ -90,6 +93,7 @@ class RunState:
     best_val_acc: Optional[float] = None
     checkpoint: Optional[dict] = None  # the checkpoint resumed from (None: a fresh run)
     stage_best: Optional[dict] = None  # {"stage_name", "epoch", "model", "ema"}: CPU copies (plateau.restore_best)
+    found_lr: dict = field(default_factory=dict)  # stage name -> found_lr.find_lr's record (lr, suggestion, range)
     _staged_optimizer: Optional[dict] = None  # stage_name, optimizer, scheduler: for the first stage that opens
     _staged_partial: Optional[EpochState] = None  # a mid-epoch checkpoint's running sums, for the first epoch
 
@@ -101,7 +105,8 @@ class RunState:
     def from_checkpoint(cls, ckpt: dict) -> "RunState":
         """The progress in a checkpoint read by checkpoint.load_checkpoint (format and version already checked)."""
         staged = {k: ckpt.get(k) for k in ("stage_name", "optimizer", "scheduler")}
-        return cls(ckpt["epoch"], list(ckpt["history"]), ckpt["best_val_acc"], ckpt, ckpt.get("stage_best"), staged)
+        return cls(ckpt["epoch"], list(ckpt["history"]), ckpt["best_val_acc"], ckpt, ckpt.get("stage_best"),
+                   dict(ckpt.get("found_lr") or {}), staged)
 
     def record(self, row: dict) -> bool:
         """A finished epoch's metrics row; True when its val_acc is a new best."""
@@ -233,7 +238,7 @@ class RunState:
                 "step": partial.step if partial is not None else 0,
                 "partial": partial.to_dict() if partial is not None else None,
                 "rng": rng_ranks[0], "history": list(self.history), "best_val_acc": self.best_val_acc,
-                "stage_best": self.stage_best,
+                "stage_best": self.stage_best, "found_lr": dict(self.found_lr),
                 "config": parts.config, "overrides": list(parts.overrides), "data": parts.data,
                 "world": parts.world, "rng_ranks": rng_ranks, "partial_ranks": partial_ranks}
 

@@ -124,12 +124,30 @@ def load_matching(model: nn.Module, state: dict) -> LoadReport:
             take[k] = v
     model.load_state_dict(take, strict=False)
     report.loaded = sorted(take)
-    new = []
-    for k in own:  # num_batches_tracked is bookkeeping: older ResNet files lack it, the weights are still there
-        if k not in take and not k.endswith("num_batches_tracked") and group_of(k) not in new:
-            new.append(group_of(k))
-    report.new_modules = new
+    report.new_modules = unfilled_modules(own, take)
     return report
+
+
+def unfilled_modules(own: dict, taken: dict) -> list:
+    """The modules (group_of: top-level names and 'cbam'), in model order, with a tensor of `own` (a model's state
+    dict) that `taken` does not fill. num_batches_tracked is bookkeeping: older ResNet files lack it."""
+    new: list = []
+    for k in own:
+        if k not in taken and not k.endswith("num_batches_tracked") and group_of(k) not in new:
+            new.append(group_of(k))
+    return new
+
+
+def new_modules_of(model: nn.Module, weights: Optional[str], pretrained: bool, init_from: Optional[str]) -> list:
+    """The modules the initial weights leave at their init, without loading anything into `model`: none under
+    init_from (it fills every tensor), every module when no weights file is asked for."""
+    own = model.state_dict()
+    if init_from:
+        return []
+    if not weights and not pretrained:
+        return unfilled_modules(own, {})
+    state = load_state_dict_file(weights, "model.weights") if weights else imagenet_resnet18_state_dict()
+    return unfilled_modules(own, {k: v for k, v in state.items() if k in own and own[k].shape == v.shape})
 
 
 def _summarise(keys: list, n: int = 4) -> str:

@@ -4,15 +4,9 @@ loss per step, smoothed; a suggested lr and the override that sets it; lr_find.j
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
-
-import numpy as np
-import torch
-from torch import nn
+from typing import Optional
 
 from cbam_train.config.errors import UserError
 from cbam_train.config.schema import Config
@@ -21,145 +15,19 @@ from cbam_train.reporting.charts import draw_lr_find
 from cbam_train.reporting.reporter import Reporter
 from cbam_train.state.atomic import write_json_atomic
 from cbam_train.training import distributed
-from cbam_train.training.device import Amp, setup_device
-from cbam_train.training.engine import accumulate, forward_loss, optimizer_step
+from cbam_train.training.device import setup_device
+from cbam_train.training.range_test import (
+    SweepSetup,
+    describe_suggestion,
+    endless,
+    lr_schedule,
+    range_test,
+    sweep_record,
+)
 from cbam_train.training.session import build_stage
 from cbam_train.training.startup import Started, load_weights, prepare_data, start_run
 
 LR_FIND_FILES = ("lr_find.json", "lr_find.png", "train.log")
-SKIP_START = 0.1  # the suggestion ignores the first 10% of the planned steps, as fastai's do
-WINDOW = 1 / 6  # the suggestion's line fits span a sixth of the planned steps (17 of 100): one odd batch moves
-# their slope little, and 17 steps of the default sweep are 1.2 decades of lr, narrower than a loss's fall
-
-
-def lr_schedule(min_lr: float, max_lr: float, steps: int) -> list:
-    """lr_i = min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i = 0..steps-1: min_lr first, max_lr last."""
-    return [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
-
-
-def set_stage_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the stage's lr: each param group gets lr x its lr_mult (schedule.param_groups), so ratios hold."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def endless(loader: Iterable) -> Iterator:
-    """The loader's batches, pass after pass (each pass a new order and new augmentation draws)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise UserError("lr_find: the training loader yielded no batches; lower data.batch_size")
-
-
-@dataclass
-class SweepSetup:
-    """How the sweep steps: where, in what precision, how it smooths the loss and when it stops."""
-
-    device: torch.device
-    amp: Amp = field(default_factory=Amp)
-    smooth: float = 0.9  # EMA factor (lr_find.smooth)
-    diverge_factor: float = 4.0  # lr_find.diverge_factor
-    label_smoothing: float = 0.0  # as training's loss (train.label_smoothing)
-    accumulate_steps: int = 1  # batches per optimizer step, as training takes them (train.accumulate_steps)
-    grad_clip_norm: Optional[float] = None  # as training clips (train.grad_clip_norm)
-    on_step: Callable[[int, float, float, float], None] = lambda step, lr, loss, smoothed: None
-
-
-@dataclass
-class SweepResult:
-    """One value per step taken: the stage lr, the batch's loss before its update, the smoothed loss."""
-
-    lrs: list = field(default_factory=list)
-    losses: list = field(default_factory=list)  # None where the loss was not finite (then the sweep stopped)
-    smoothed: list = field(default_factory=list)
-    stop: Optional[dict] = None  # {"step" (1-based), "lr", "reason": diverged | non-finite, ...}; None: all steps
-
-
-def range_test(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer, lrs: Sequence[float],
-               setup: SweepSetup) -> SweepResult:
-    """One optimizer step per lr, on accumulate_steps batches and clipped as training steps: the loss is
-    measured before the update it drives (as fastai records it), smoothed by a bias-corrected EMA; stop once
-    that exceeds diverge_factor x its best so far."""
-    model.train()
-    out, avg, best = SweepResult(), 0.0, math.inf
-    k = setup.accumulate_steps
-    optimizer.zero_grad(set_to_none=True)
-    for i, lr in enumerate(lrs):
-        set_stage_lr(optimizer, lr)
-        total = 0.0
-        for _ in range(k):  # the step's gradient: the mean over its k batches, as train_one_epoch takes it
-            x, y = next(batches)
-            x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
-            _, loss = forward_loss(model, x, y, setup.amp, setup.label_smoothing)
-            accumulate(loss / k, setup.amp)
-            total += loss.item()  # one host sync per batch: the stop decision needs the number
-        value = total / k
-        out.lrs.append(lr)
-        if not math.isfinite(value):
-            out.losses.append(None)
-            out.smoothed.append(None)
-            out.stop = {"step": i + 1, "lr": lr, "reason": "non-finite", "loss": str(value)}
-            break
-        avg = setup.smooth * avg + (1 - setup.smooth) * value
-        smoothed = avg / (1 - setup.smooth ** (i + 1))  # the EMA starts at 0: divide out its weight so far
-        best = min(best, smoothed)
-        out.losses.append(value)
-        out.smoothed.append(smoothed)
-        setup.on_step(i + 1, lr, value, smoothed)
-        if smoothed > setup.diverge_factor * best:
-            out.stop = {"step": i + 1, "lr": lr, "reason": "diverged", "smoothed_loss": smoothed,
-                        "best_smoothed_loss": best, "diverge_factor": setup.diverge_factor}
-            break
-        optimizer_step(optimizer, setup.amp, setup.grad_clip_norm)
-    return out
-
-
-def local_lines(loss: np.ndarray, log_lr: np.ndarray, half: int) -> tuple:
-    """(level, slope) of the least-squares line through the loss against log10(lr) over each centred window of
-    2 * half + 1 steps (a Savitzky-Golay filter of order 1); NaN where a window does not fit."""
-    level, slope = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
-    for i in range(half, len(loss) - half):
-        window = slice(i - half, i + half + 1)
-        slope[i], level[i] = np.polyfit(log_lr[window] - log_lr[i], loss[window], 1)
-    return level, slope
-
-
-def suggest(lrs: Sequence[float], losses: Sequence[Optional[float]], planned_steps: int) -> dict:
-    """The lr where the loss falls fastest per decade of lr (fastai's `steep`), searched after the first 10% of
-    the planned steps and before the loss's minimum (out of the divergence tail). Slope and minimum come from a
-    line fitted to each window of steps, not from differencing the EMA: the EMA's slope at step t is
-    (1 - smooth) x (loss_t - EMA_{t-1}), so its steepest point is the one batch furthest below the average.
-    With no descent to search: the lr at the minimum / 10 (fastai's `minimum`)."""
-    n = next((i for i, v in enumerate(losses) if v is None), len(losses))  # the finite points
-    loss, log_lr = np.array(losses[:n], dtype=float), np.log10(np.array(lrs[:n], dtype=float))
-    half = min(max(2, round(planned_steps * WINDOW / 2)), (n - 1) // 2)
-    if half < 1:  # one or two steps: nothing to fit
-        i_min = int(np.argmin(loss))
-        return _min_div_10(lrs, i_min, float(loss[i_min]), [0, n - 1], "the sweep stopped after "
-                           f"{n} step(s)")
-    level, slope = local_lines(loss, log_lr, half)
-    start = max(int(planned_steps * SKIP_START), half)
-    start = start if start < n - half else half  # stopped early: search what there is
-    i_min = start + int(np.nanargmin(level[start:n - half]))
-    if i_min - start < 2:
-        return _min_div_10(lrs, i_min, float(level[i_min]), [start, n - half - 1],
-                           f"no descent to search: the fitted loss is lowest at step {i_min + 1}, where the search "
-                           f"starts")
-    i = start + int(np.argmin(slope[start:i_min]))
-    return {"lr": float(lrs[i]), "method": "steepest_before_min", "index": i,
-            "inputs": {"slope": "least-squares line through the loss against log10(lr) over each window of steps",
-                       "window_steps": 2 * half + 1, "searched": [start, i_min - 1],
-                       "slope_per_decade": float(slope[i]), "level": float(level[i]),
-                       "min_index": i_min, "min_lr": float(lrs[i_min]), "min_level": float(level[i_min])}}
-
-
-def _min_div_10(lrs: Sequence[float], i_min: int, loss: float, searched: list, why: str) -> dict:
-    return {"lr": float(lrs[i_min]) / 10, "method": "min_div_10", "index": i_min,
-            "inputs": {"why": why, "searched": searched, "min_index": i_min, "min_lr": float(lrs[i_min]),
-                       "min_level": loss}}
 
 
 def override_for(cfg: Config, stage_name: str, lr: float) -> str:
@@ -207,18 +75,11 @@ def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:
                                 lr_schedule(f.min_lr, f.max_lr, f.steps), setup)
     finally:
         loaders.close()
-    if not any(s is not None for s in result.smoothed):
-        raise UserError(f"lr_find: the loss was not finite at the first step (lr {f.min_lr:.1e}); lower "
-                        "lr_find.min_lr or check the data")
-    suggestion = suggest(result.lrs, result.losses, f.steps)
-    suggestion["override"] = override_for(cfg, stage.name, suggestion["lr"])
-    out = {"stage": {"index": stage.index, "name": stage.name, "lr": stage.lr, "trainable": list(stage.trainable)},
-           "lr_groups": [{"lr_mult": g["lr_mult"], "modules": g["modules"]} for g in groups],
-           "settings": asdict(f), "steps_run": len(result.lrs), "stopped_early": result.stop is not None,
-           "stop": result.stop, "lrs": result.lrs, "losses": result.losses, "smoothed": result.smoothed,
-           "suggestion": suggestion, "optimizer": cfg.optim.name, "batch_size": cfg.data.batch_size,
-           "train_images": len(splits.train), "loader": loaders.kind, "device": str(device), "precision": amp.name,
-           "wall_time_s": round(time.perf_counter() - t0, 3)}
+    out = sweep_record(result, f, stage, groups)
+    out["suggestion"]["override"] = override_for(cfg, stage.name, out["suggestion"]["lr"])
+    out.update({"optimizer": cfg.optim.name, "batch_size": cfg.data.batch_size, "train_images": len(splits.train),
+                "loader": loaders.kind, "device": str(device), "precision": amp.name,
+                "wall_time_s": round(time.perf_counter() - t0, 3)})
     write_json_atomic(run_dir / "lr_find.json", out)
     draw_lr_find(out, run_dir / "lr_find.png", f"{run_dir}: stage {stage.index} '{stage.name}', {cfg.optim.name}, "
                  f"batch {cfg.data.batch_size}, {out['steps_run']} steps")
@@ -238,10 +99,7 @@ def _report(rep: Reporter, out: dict, run_dir: Path) -> None:
     else:
         rep.print(f"lr_find: stopped at step {stop['step']}/{steps} (lr {stop['lr']:.1e}): the loss was "
                   f"{stop['loss']}")
-    how = (f"the loss's steepest descent ({s['inputs']['slope_per_decade']:.3g} per decade of lr, a line fitted "
-           f"over {s['inputs']['window_steps']} steps), before its minimum at lr {s['inputs']['min_lr']:.1e}"
-           if s["method"] == "steepest_before_min" else
-           f"the lr at the loss's minimum, {s['inputs']['min_lr']:.1e}, / 10 ({s['inputs']['why']})")
+    how = describe_suggestion(s)
     rep.print(f"suggested lr: {s['lr']:.1e}: {how}", quiet_too=True)
     rep.print(f"to use it: {s['override']}", quiet_too=True)
     rep.print(f"wrote {run_dir / 'lr_find.json'} and lr_find.png")

@@ -22,7 +22,7 @@ class Stage:
     index: int  # 1-based position in the schedule
     name: str
     epochs: int
-    lr: float
+    lr: Optional[float]  # None: found by a range test at the stage's start (auto_run.settle_lr)
     trainable: tuple
     first_epoch: int  # global 1-based epoch at which this stage starts in the full schedule
     sched: str = "constant"  # lr within the stage: constant | cosine | step
@@ -74,10 +74,12 @@ def select_stages(names: Sequence[str], select: str) -> list:
 
 
 def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = None) -> list:
-    """The stages that run, in order. `lr` sets the first running stage's lr; later ones keep their ratio."""
+    """The stages that run, in order. `lr` sets the first running stage's lr; later ones keep their ratio (a stage
+    with lr null keeps finding its own; after a first one with lr null, they keep theirs)."""
     names = list(stages)
     chosen = select_stages(names, str(select))
-    scale = 1.0 if lr is None else lr / stages[names[chosen[0]]].lr
+    first_lr = stages[names[chosen[0]]].lr
+    scale = 1.0 if lr is None or first_lr is None else lr / first_lr
     first_epoch = {}
     total = 0
     for n in names:
@@ -87,7 +89,8 @@ def resolve_stages(stages: Mapping, select: str = "all", lr: Optional[float] = N
     for i in chosen:
         stage_cfg = stages[names[i]]
         sched = getattr(stage_cfg, "sched", None)
-        out.append(Stage(index=i + 1, name=names[i], epochs=stage_cfg.epochs, lr=stage_cfg.lr * scale,
+        stage_lr = stage_cfg.lr * scale if stage_cfg.lr is not None else (lr if i == chosen[0] else None)
+        out.append(Stage(index=i + 1, name=names[i], epochs=stage_cfg.epochs, lr=stage_lr,
                          trainable=tuple(stage_cfg.trainable),
                          first_epoch=first_epoch[names[i]], sched=sched.name if sched else "constant",
                          warmup_epochs=sched.warmup_epochs if sched else 0.0,
@@ -144,7 +147,8 @@ def param_groups(model: nn.Module, stage: Stage) -> list:
         if name not in trainable:
             continue
         mult = lr_multiplier(name, stage)
-        group = groups.setdefault(mult, {"params": [], "lr": stage.lr * mult, "lr_mult": mult, "modules": []})
+        lr = stage.lr * mult if stage.lr is not None else None  # None: not found yet
+        group = groups.setdefault(mult, {"params": [], "lr": lr, "lr_mult": mult, "modules": []})
         group["params"].append(p)
         owner = _owner(name, stage)
         if owner not in group["modules"]:

@@ -5,6 +5,7 @@ resumed stage's state and how its epochs run)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -77,10 +78,13 @@ def build_stage(model: nn.Module, stage: Stage, cfg: Config, dist: Dist = Dist()
                 device: Optional[torch.device] = None) -> StageParts:
     """Unfreeze the stage's modules; an optimizer over its param groups (each lr = stage lr x lr_mult); a new
     DDP wrapper (data-parallel runs) and compiled graph (device.compile), both built after the unfreeze since
-    they fix the trainable parameters when they are built."""
+    they fix the trainable parameters when they are built. A stage whose lr is still to be found (lr: null; bench,
+    lr_find, its range test) steps at lr_find.min_lr until someone sets it."""
+    lr = stage.lr if stage.lr is not None else cfg.lr_find.min_lr
+    stage = dataclasses.replace(stage, lr=lr)
     apply_stage(model, stage.trainable, cfg.schedule.freeze_bn)
     groups = param_groups(model, stage)
-    optimizer = build_optimizer(groups, cfg.optim, stage.lr)
+    optimizer = build_optimizer(groups, cfg.optim, lr)
     step_model = distributed.wrap(model, dist, device) if device is not None else model
     step_model = compile_for_stage(step_model, cfg.device) if cfg.device.compile else step_model
     return StageParts(groups, optimizer, step_model)

@@ -23,8 +23,9 @@ from cbam_train.reporting.reporter import Reporter, check_tensorboard
 from cbam_train.reporting.tracking import MlflowTracker
 from cbam_train.state.resume import Resume
 from cbam_train.state.rundir import RUN_FILES, claim_run_dir
-from cbam_train.state.weights import load_initial_weights, load_state_dict_file, load_strict
+from cbam_train.state.weights import load_initial_weights, load_state_dict_file, load_strict, new_modules_of
 from cbam_train.training import distributed
+from cbam_train.training.auto_plan import plan_stages, stages_from_saved
 from cbam_train.training.device import available_cpus, resolve_device, seed_everything, set_threads
 from cbam_train.training.distributed import Dist
 from cbam_train.training.schedule import (
@@ -58,12 +59,16 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
     writes anything; the other ranks get a reporter that writes nothing. `tracker` (logger=mlflow, task=train):
     rank 0 opens its store before the run dir is claimed and starts its MLflow run after.
     """
-    stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr)
+    auto = cfg.schedule.auto.enabled  # the stages come from the network, once it is built
+    stages = resolve_stages(cfg.schedule.stages, cfg.stage, cfg.lr) if not auto else []
     device = distributed.init(dist, resolve_device(cfg.device.name))
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise UserError(f"init_from: file not found: {cfg.init_from}")
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
+    if auto:
+        cfg.schedule.stages = planned_stages(cfg, model, resume)
+        stages = resolve_stages(cfg.schedule.stages)
     check_trainable(model, cfg.schedule.stages)
     if cfg.logger.tensorboard:
         check_tensorboard()
@@ -95,6 +100,15 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
             raise
         rep.tracker = tracker
     return Started(stages, device, model, rep, dist, resume)
+
+
+def planned_stages(cfg: Config, model: nn.Module, resume: Optional[Resume]) -> dict:
+    """schedule=auto's stages: a resumed run's own plan (from its checkpoint's config), else planned from the model
+    and what its initial weights leave new (auto_plan.plan_stages)."""
+    if resume is not None and resume.state is not None and resume.state.checkpoint is not None:
+        return stages_from_saved(resume.state.saved_config["schedule"]["stages"])
+    new = new_modules_of(model, cfg.model.weights, cfg.model.pretrained, cfg.init_from)
+    return plan_stages(cfg.schedule.auto, [n for n, _ in model.named_parameters()], new)
 
 
 def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> None:

@@ -18,6 +18,7 @@ from cbam_train.state.resume import check_resume, find_resume
 from cbam_train.state.run_state import RunParts, RunState
 from cbam_train.state.weights import cpu_snapshot
 from cbam_train.training import distributed, plateau
+from cbam_train.training.auto_run import found_lr_summary, settle_found, settle_lr, write_plan
 from cbam_train.training.checkpointer import Checkpointer
 from cbam_train.training.device import setup_device
 from cbam_train.training.engine import EpochResult, evaluate, train_one_epoch
@@ -139,7 +140,9 @@ def fit(run: Run) -> None:
     validate, record, checkpoint. A stop request checkpoints and ends the run at the next step or epoch end."""
     with run.checkpointer:
         run.stopper.arm()
+        settle_found(run)
         for stage in (s for s in run.stages if not run.state.stage_done(s)):
+            stage = settle_lr(run, stage)  # lr: null (schedule=auto): its range test's, found now or before a resume
             session = open_stage(run, stage)
             while not run.state.stage_done(stage):
                 epoch = run.state.next_epoch(stage)
@@ -218,6 +221,7 @@ def end_stage(run: Run, stage: Stage, why: str) -> None:
     if stage.plateau is not None:  # a stage without one ends where the schedule table said
         run.rep.print(f"stage '{stage.name}' ended at epoch {rows[-1]['epoch']} after {len(rows)} epoch(s): "
                       f"{reason}{restored}")
+    write_plan(run)
 
 
 def finish(run: Run, t_start: float) -> dict:
@@ -239,7 +243,8 @@ def finish(run: Run, t_start: float) -> dict:
                "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
                "epochs_run": len(state.history), "wall_time_s": round(time.perf_counter() - t_start, 3),
                "resumed_from": str(run.resumed_from) if run.resumed_from else None,
-               "stages": [stage_summary(r, state.stage_rows(r["name"])) for r in run.stage_rows],
+               "stages": [stage_summary(r, state.stage_rows(r["name"]), state.found_lr.get(r["name"]))
+                          for r in run.stage_rows],
                "weights": "ema" if run.ema is not None else "final",
                "device": str(run.device), "loader": loaders.kind, "precision": run.amp.name,
                "classes": run.splits.classes, "data_mean": list(run.splits.mean), "data_std": list(run.splits.std),
@@ -248,7 +253,9 @@ def finish(run: Run, t_start: float) -> dict:
     return summary
 
 
-def stage_summary(table_row: dict, rows: list) -> dict:
-    """summary.json's entry for a stage: its settings, the epochs it actually ran and why it ended."""
+def stage_summary(table_row: dict, rows: list, found: Optional[dict] = None) -> dict:
+    """summary.json's entry for a stage: its settings, the epochs it actually ran, why it ended (and which epoch's
+    weights it kept), and how its lr was found (None: it was set)."""
     out = {k: table_row[k] for k in ("name", "epochs", "lr", "trainable", "trainable_params", "lr_groups")}
-    return {**out, "epochs_run": len(rows), "ended": rows[-1].get("stage_end") if rows else None}
+    ended = rows[-1].get("stage_end") if rows else None
+    return {**out, "epochs_run": len(rows), "ended": ended, "lr_found": found_lr_summary(found)}
