@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields, is_dataclass
-from typing import Any, Collection, Iterator
+from typing import Any, Iterator
 
+from cbam_train.config.checks import choice, in_range, positive
 from cbam_train.config.errors import ConfigError
+from cbam_train.config.schedule_checks import check_schedule
 from cbam_train.config.schema import (
     EXPORT_FORMATS,
     RESNET18_WIDTH,
@@ -37,21 +39,6 @@ MIN_IMAGE_SIZE = {"cifar": 8, "imagenet": 32}  # the stem's total stride: below 
 MAX_THREADS = 1024  # torch's CPU threads per process: past any machine's cores
 MAX_WIDTH = 1024  # 16x ResNet18's channels: ~2.8 G parameters, past one GPU's memory with Adam state
 POLICIES = ("none", "trivial", "autoaugment")  # augment.policy
-
-
-def _choice(key: str, value: Any, allowed: Collection[Any]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: unknown value {value!r}; choose one of: {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        raise ConfigError(f"{key} must be {'> 0' if strict else '>= 0'}, got {value}")
-
-
-def _in_range(key: str, value: float, low: float, high: float, open_high: bool = False) -> None:
-    if not (low <= value < high if open_high else low <= value <= high):
-        raise ConfigError(f"{key} must be in [{low:g}, {high:g}{')' if open_high else ']'}, got {value}")
 
 
 def _floats(node: Any, prefix: str = "") -> Iterator[tuple]:
@@ -86,7 +73,7 @@ def validate(cfg: Config) -> Config:
     _check_pretrained(cfg)
     _check_data(cfg.data, cfg.model, needs_root=cfg.task != "predict")  # predict reads inputs=, not the data
     _check_augment(cfg.augment, cfg.data.image_size)
-    _check_schedule(cfg)
+    check_schedule(cfg)
     _check_optim(cfg)
     _check_device(cfg)
     _check_run(cfg)
@@ -96,7 +83,7 @@ def validate(cfg: Config) -> Config:
 
 
 def _check_task(cfg: Config) -> None:
-    _choice("task", cfg.task, TASKS)
+    choice("task", cfg.task, TASKS)
     if cfg.task == "eval" and not cfg.checkpoint:
         raise ConfigError("task=eval needs checkpoint=PATH (a run's model.pt or a checkpoints/*.pt file)")
     if cfg.task in ("predict", "export", "explain") and not cfg.checkpoint:
@@ -105,22 +92,22 @@ def _check_task(cfg: Config) -> None:
         raise ConfigError("task=predict needs inputs=PATH (an image file, a folder or a glob such as 'imgs/*.jpg')")
     if cfg.resume and cfg.task != "train":
         raise ConfigError(f"resume= only applies to task=train, not task={cfg.task}")
-    _choice("optimized_metric", cfg.optimized_metric, SUMMARY_METRICS)
+    choice("optimized_metric", cfg.optimized_metric, SUMMARY_METRICS)
     if cfg.lr is not None:
-        _positive("lr", cfg.lr)
+        positive("lr", cfg.lr)
     if not 0 <= cfg.seed <= MAX_SEED:
         raise ConfigError(f"seed must be >= 0 and <= {MAX_SEED}, got {cfg.seed}")
 
 
 def _check_model(m: ModelConfig) -> None:
-    _choice("model.name", m.name, ("resnet18_cbam",))
-    _choice("model.stem", m.stem, ("cifar", "imagenet"))
-    _choice("model.cbam.placement", m.cbam.placement, ("stage", "block"))
-    _choice("model.cbam.init", m.cbam.init, ("identity", "seed"))
+    choice("model.name", m.name, ("resnet18_cbam",))
+    choice("model.stem", m.stem, ("cifar", "imagenet"))
+    choice("model.cbam.placement", m.cbam.placement, ("stage", "block"))
+    choice("model.cbam.init", m.cbam.init, ("identity", "seed"))
     if m.num_classes < 2:
         raise ConfigError(f"model.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
                           f"{m.num_classes}")
-    _positive("model.cbam.reduction", m.cbam.reduction)
+    positive("model.cbam.reduction", m.cbam.reduction)
     if not 1 <= m.width <= MAX_WIDTH:
         raise ConfigError(f"model.width must be in [1, {MAX_WIDTH}] (channels of conv1 and layer1; 64 is ResNet18), "
                           f"got {m.width}")
@@ -140,9 +127,9 @@ def _check_pretrained(cfg: Config) -> None:
 
 
 def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
-    _choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
+    choice("data.name", d.name, ("cifar10", "imagefolder", "synthetic"))
     for key in ("batch_size", "eval_batch_size", "image_size", "train_size", "test_size"):
-        _positive(f"data.{key}", getattr(d, key))
+        positive(f"data.{key}", getattr(d, key))
     if d.num_classes < 2:  # read by data=synthetic only, checked for any data
         raise ConfigError(f"data.num_classes must be >= 2 (a classifier needs at least 2 classes), got "
                           f"{d.num_classes}")
@@ -150,14 +137,14 @@ def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
     if d.image_size < least:
         raise ConfigError(f"data.image_size must be >= {least} with model.stem={m.stem} (the stem's total "
                           f"stride: smaller images reach layer4 as mostly padding), got {d.image_size}")
-    _positive("data.val_size", d.val_size, strict=False)
-    _choice("data.bad_images", d.bad_images, ("error", "skip"))
-    _choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
-    _positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
-    _positive("data.augment_chunk", d.augment_chunk)
-    _positive("data.num_workers", d.num_workers, strict=False)
+    positive("data.val_size", d.val_size, strict=False)
+    choice("data.bad_images", d.bad_images, ("error", "skip"))
+    choice("data.loader", d.loader, ("auto", "memory", "torchvision"))
+    positive("data.memory_budget_mb", d.memory_budget_mb, strict=False)
+    positive("data.augment_chunk", d.augment_chunk)
+    positive("data.num_workers", d.num_workers, strict=False)
     if d.limit is not None:
-        _positive("data.limit", d.limit)
+        positive("data.limit", d.limit)
     for key in ("mean", "std"):
         v = getattr(d, key)
         if v is not None and len(v) != 3:
@@ -174,16 +161,16 @@ def _check_data(d: DataConfig, m: ModelConfig, needs_root: bool = True) -> None:
 
 def _check_augment(a: AugmentConfig, image_size: int) -> None:
     """augment.*: pads, probabilities, strengths, the policy's name, erasing and mixing."""
-    _positive("augment.crop.padding", a.crop.padding, strict=False)
+    positive("augment.crop.padding", a.crop.padding, strict=False)
     if a.crop.enabled and a.crop.padding >= image_size:  # against another key: only when used (see the top)
         raise ConfigError(f"augment.crop.padding must be < data.image_size ({image_size}): a larger pad gives "
                           f"crops of padding only, got {a.crop.padding}")
-    _in_range("augment.flip.p", a.flip.p, 0.0, 1.0)
+    in_range("augment.flip.p", a.flip.p, 0.0, 1.0)
     for key in ("brightness", "contrast", "saturation"):
-        _positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
-    _in_range("augment.color_jitter.hue", a.color_jitter.hue, 0.0, 0.5)
-    _in_range("augment.rotation.degrees", a.rotation.degrees, 0.0, 180.0)
-    _choice("augment.policy", a.policy, POLICIES)
+        positive(f"augment.color_jitter.{key}", getattr(a.color_jitter, key), strict=False)
+    in_range("augment.color_jitter.hue", a.color_jitter.hue, 0.0, 0.5)
+    in_range("augment.rotation.degrees", a.rotation.degrees, 0.0, 180.0)
+    choice("augment.policy", a.policy, POLICIES)
     _check_erase(a, image_size)
 
 
@@ -194,95 +181,27 @@ def _pair(key: str, v: list, low: float, high: float) -> None:
 
 def _check_erase(a: AugmentConfig, image_size: int) -> None:
     """augment.erase, augment.cutout and augment.mix."""
-    _in_range("augment.erase.p", a.erase.p, 0.0, 1.0)
+    in_range("augment.erase.p", a.erase.p, 0.0, 1.0)
     _pair("augment.erase.scale", a.erase.scale, 0.0, 1.0)
     _pair("augment.erase.ratio", a.erase.ratio, 0.0, math.inf)
-    _positive("augment.cutout.size", a.cutout.size)
+    positive("augment.cutout.size", a.cutout.size)
     if a.cutout.enabled and a.cutout.size > image_size:  # against another key: only when used (see the top)
         raise ConfigError(f"augment.cutout.size must be in [1, data.image_size ({image_size})], got {a.cutout.size}")
-    _in_range("augment.cutout.p", a.cutout.p, 0.0, 1.0)
+    in_range("augment.cutout.p", a.cutout.p, 0.0, 1.0)
     for key in ("mixup_alpha", "cutmix_alpha"):
-        _positive(f"augment.mix.{key}", getattr(a.mix, key), strict=False)
-    _in_range("augment.mix.prob", a.mix.prob, 0.0, 1.0)
-    _in_range("augment.mix.switch_prob", a.mix.switch_prob, 0.0, 1.0)
-
-
-def _check_schedule(cfg: Config) -> None:
-    if cfg.schedule.auto.enabled:
-        _check_auto(cfg)
-        return
-    if not cfg.schedule.stages:
-        raise ConfigError("schedule.stages is empty: define at least one stage (see conf/schedule/seed.yaml), or "
-                          "let the network plan them: schedule=auto")
-    for name, stage in cfg.schedule.stages.items():
-        key = f"schedule.stages.{name}"
-        if stage.epochs < 1:
-            raise ConfigError(f"{key}.epochs must be >= 1, got {stage.epochs}")
-        if stage.lr is not None:  # null: found by a range test at the stage's start
-            _positive(f"{key}.lr", stage.lr)
-        if not stage.trainable:
-            raise ConfigError(f"{key}.trainable is empty: list modules to train, or [all]")
-        _choice(f"{key}.sched.name", stage.sched.name, ("constant", "cosine", "step"))
-        _positive(f"{key}.sched.warmup_epochs", stage.sched.warmup_epochs, strict=False)
-        if stage.sched.warmup_epochs > stage.epochs:
-            raise ConfigError(f"{key}.sched.warmup_epochs={stage.sched.warmup_epochs} is longer than the stage "
-                              f"({stage.epochs} epochs)")
-        _in_range(f"{key}.sched.min_lr_ratio", stage.sched.min_lr_ratio, 0.0, 1.0)
-        if stage.sched.step_size < 1:
-            raise ConfigError(f"{key}.sched.step_size must be >= 1 (epochs), got {stage.sched.step_size}")
-        if not 0 < stage.sched.gamma <= 1:
-            raise ConfigError(f"{key}.sched.gamma must be in (0, 1], got {stage.sched.gamma}")
-        for module, mult in stage.lr_mult.items():
-            _positive(f"{key}.lr_mult.{module}", mult)
-        if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
-            raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {stage.layer_decay}")
-        plateau = stage.until_plateau
-        if plateau is not None:  # min_delta and metric also while patience is null (the plateau off)
-            if plateau.patience is not None and plateau.patience < 1:
-                raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {plateau.patience}")
-            _positive(f"{key}.until_plateau.min_delta", plateau.min_delta, strict=False)
-            _choice(f"{key}.until_plateau.metric", plateau.metric, ("val_acc", "val_loss"))
-
-
-def _check_auto(cfg: Config) -> None:
-    """schedule.auto (schedule=auto): the plan's keys; the stages it generates; what it decides itself."""
-    auto, key = cfg.schedule.auto, "schedule.auto"
-    if cfg.schedule.stages:
-        raise ConfigError(f"{key}.enabled=true generates the stages, but schedule.stages has "
-                          f"{', '.join(cfg.schedule.stages)}: use schedule=auto alone, or {key}.enabled=false")
-    seen: dict = {}
-    for i, group in enumerate(auto.groups):
-        if not group:
-            raise ConfigError(f"{key}.groups[{i}] is empty: list the modules that stage adds, e.g. [layer4]")
-        for module in group:
-            if module in seen:
-                raise ConfigError(f"{key}.groups: {module} is in groups[{seen[module]}] and groups[{i}]; list it once")
-            seen[module] = i
-    if auto.max_epochs < 1:
-        raise ConfigError(f"{key}.max_epochs must be >= 1, got {auto.max_epochs}")
-    if auto.patience < 1:
-        raise ConfigError(f"{key}.patience must be >= 1, got {auto.patience}")
-    _positive(f"{key}.min_delta", auto.min_delta, strict=False)
-    _choice(f"{key}.metric", auto.metric, ("val_acc", "val_loss"))
-    _positive(f"{key}.lr_scale", auto.lr_scale)
-    if auto.layer_decay is not None and not 0 < auto.layer_decay <= 1:
-        raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {auto.layer_decay}")
-    if str(cfg.stage) != "all":
-        raise ConfigError(f"stage={cfg.stage}: schedule=auto plans and runs every stage; to run one of them, replay "
-                          "the run's plan: schedule=RUN_DIR/schedule.yaml stage=...")
-    if cfg.lr is not None:
-        raise ConfigError(f"lr={cfg.lr}: schedule=auto finds each stage's lr by a range test; scale them with "
-                          f"{key}.lr_scale, or set the range with lr_find.min_lr / lr_find.max_lr")
+        positive(f"augment.mix.{key}", getattr(a.mix, key), strict=False)
+    in_range("augment.mix.prob", a.mix.prob, 0.0, 1.0)
+    in_range("augment.mix.switch_prob", a.mix.switch_prob, 0.0, 1.0)
 
 
 def _check_optim(cfg: Config) -> None:
     o = cfg.optim
-    _choice("optim.name", o.name, ("adam", "sgd"))
-    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    choice("optim.name", o.name, ("adam", "sgd"))
+    positive("optim.weight_decay", o.weight_decay, strict=False)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas needs 2 values in [0, 1), got {list(o.betas)}")
-    _positive("optim.eps", o.eps)
-    _in_range("optim.momentum", o.momentum, 0.0, 1.0, open_high=True)
+    positive("optim.eps", o.eps)
+    in_range("optim.momentum", o.momentum, 0.0, 1.0, open_high=True)
     if o.nesterov and o.momentum <= 0:  # under Adam too: it waits for optim=sgd
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
 
@@ -291,9 +210,9 @@ def _check_device(cfg: Config) -> None:
     dev = cfg.device.name
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device.name: unknown value {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
-    _choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
-    _choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
-    _choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
+    choice("device.precision", cfg.device.precision, ("auto", "bf16", "fp16", "fp32"))
+    choice("device.compile_mode", cfg.device.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+    choice("device.compile_backend", cfg.device.compile_backend, ("inductor", "aot_eager", "eager"))
     threads = cfg.device.threads
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise ConfigError(f"device.threads must be in [1, {MAX_THREADS}] or null (the CPU share), got {threads}")
@@ -302,14 +221,14 @@ def _check_device(cfg: Config) -> None:
 def _check_run(cfg: Config) -> None:
     """train.*, eval.*, logging and the benchmark."""
     t = cfg.train
-    _choice("train.nan_policy", t.nan_policy, ("stop", "skip_batch"))
-    _positive("train.checkpoint_every_n_epochs", t.checkpoint_every_n_epochs, strict=False)
-    _positive("train.checkpoint_every_n_steps", t.checkpoint_every_n_steps, strict=False)
-    _in_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, open_high=True)
+    choice("train.nan_policy", t.nan_policy, ("stop", "skip_batch"))
+    positive("train.checkpoint_every_n_epochs", t.checkpoint_every_n_epochs, strict=False)
+    positive("train.checkpoint_every_n_steps", t.checkpoint_every_n_steps, strict=False)
+    in_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, open_high=True)
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {t.ema_decay}")
     if t.grad_clip_norm is not None:
-        _positive("train.grad_clip_norm", t.grad_clip_norm)
+        positive("train.grad_clip_norm", t.grad_clip_norm)
     if t.accumulate_steps < 1:
         raise ConfigError(f"train.accumulate_steps must be >= 1, got {t.accumulate_steps}")
     if t.accumulate_steps > 1 and t.checkpoint_every_n_steps % t.accumulate_steps:
@@ -319,19 +238,19 @@ def _check_run(cfg: Config) -> None:
     if t.accumulate_steps > 1 and t.nan_policy == "skip_batch":
         raise ConfigError("train.nan_policy=skip_batch does not combine with train.accumulate_steps > 1 (a skipped "
                           "batch would leave its optimizer step short); use nan_policy=stop")
-    _choice("eval.split", cfg.eval.split, ("test", "val"))
+    choice("eval.split", cfg.eval.split, ("test", "val"))
     for key in ("tracking_uri", "experiment"):
         value = getattr(cfg.logger, key)
         if value is not None and (not value.strip() or "\n" in value):
             raise ConfigError(f"logger.{key}: {value!r} is empty or has a line break; give a name, or null")
-    _choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
-    _positive("log.every_n_steps", cfg.log.every_n_steps)
-    _choice("log.show_config", cfg.log.show_config, SHOW_CONFIG)
+    choice("log.mode", cfg.log.mode, ("auto", "rich", "plain", "quiet"))
+    positive("log.every_n_steps", cfg.log.every_n_steps)
+    choice("log.show_config", cfg.log.show_config, SHOW_CONFIG)
     if cfg.log.curves_every_s is not None:
-        _positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
-    _positive("bench.seconds", cfg.bench.seconds)
-    _positive("bench.max_steps", cfg.bench.max_steps)
-    _positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
+        positive("log.curves_every_s", cfg.log.curves_every_s, strict=False)
+    positive("bench.seconds", cfg.bench.seconds)
+    positive("bench.max_steps", cfg.bench.max_steps)
+    positive("bench.warmup_steps", cfg.bench.warmup_steps, strict=False)
 
 
 MAX_EXPLAIN_PER_CLASS = 16
@@ -341,12 +260,12 @@ MIN_LR_FIND_STEPS = 10  # fewer points leave no curve to read a slope from
 
 def _check_lr_find(f: LrFindConfig) -> None:
     """lr_find.*: a sweep that goes up (0 < min_lr < max_lr), long enough to have a slope, a stop above the best."""
-    _positive("lr_find.min_lr", f.min_lr)
+    positive("lr_find.min_lr", f.min_lr)
     if f.max_lr <= f.min_lr:
         raise ConfigError(f"lr_find.max_lr must be > lr_find.min_lr ({f.min_lr:g}), got {f.max_lr:g}")
     if f.steps < MIN_LR_FIND_STEPS:
         raise ConfigError(f"lr_find.steps must be >= {MIN_LR_FIND_STEPS}, got {f.steps}")
-    _in_range("lr_find.smooth", f.smooth, 0.0, 1.0, open_high=True)
+    in_range("lr_find.smooth", f.smooth, 0.0, 1.0, open_high=True)
     if f.diverge_factor <= 1:
         raise ConfigError(f"lr_find.diverge_factor must be > 1 (a multiple of the best smoothed loss), "
                           f"got {f.diverge_factor:g}")
@@ -359,13 +278,13 @@ def _check_inference(cfg: Config) -> None:
     if p.top_k < 1 or (cfg.task == "predict" and p.top_k > cfg.model.num_classes):
         raise ConfigError(f"predict.top_k must be >= 1 and <= the number of classes ({cfg.model.num_classes}), "
                           f"got {p.top_k}; set predict.top_k={min(max(p.top_k, 1), cfg.model.num_classes)}")
-    _positive("predict.batch_size", p.batch_size)
-    _choice("export.format", e.format, EXPORT_FORMATS)
+    positive("predict.batch_size", p.batch_size)
+    choice("export.format", e.format, EXPORT_FORMATS)
     if e.opset < 18:
         raise ConfigError(f"export.opset must be >= 18 (torch's torch.export-based ONNX exporter), got {e.opset}")
-    _positive("export.check_images", e.check_images)
+    positive("export.check_images", e.check_images)
     x = cfg.explain
-    _choice("explain.split", x.split, ("val", "test"))
+    choice("explain.split", x.split, ("val", "test"))
     if not 1 <= x.per_class <= MAX_EXPLAIN_PER_CLASS:
         raise ConfigError(f"explain.per_class must be >= 1 and <= {MAX_EXPLAIN_PER_CLASS} (one picture row per "
                           f"image), got {x.per_class}")
