@@ -18,7 +18,7 @@ from cbam_train.config.errors import UserError
 from cbam_train.tasks import lr_find
 from cbam_train.tasks.lr_find import override_for, run_lr_find
 from cbam_train.training import session
-from cbam_train.training.range_test import local_lines, lr_schedule, suggest
+from cbam_train.training.range_test import FLAT_FALL, local_lines, lr_schedule, suggest
 
 # 80 training images in batches of 16: 5 batches an epoch, so 10 steps go through the loader twice
 TINY = ["experiment=smoke", NARROW, "task=lr_find", "data.image_size=8", "data.train_size=96", "data.val_size=16",
@@ -68,6 +68,23 @@ def test_suggest_takes_the_steepest_descent_before_the_minimum():
     rising = [1.0 + 0.01 * i for i in range(50)]  # no descent at all: the minimum / 10, and it says so
     s = suggest(lrs, rising, planned_steps=100)
     assert s["method"] == "min_div_10" and s["lr"] == pytest.approx(lrs[10] / 10) and "no descent" in s["inputs"]["why"]
+
+
+def test_a_fall_within_the_noise_is_flat_and_the_lr_is_where_the_loss_starts_to_rise_over_10():
+    """A trained network's next stage: the loss flat (noise sd 0.1 per step) until step 70, then rising 0.02 per
+    step. A window of 17 steps fits its level to 0.1/sqrt(17) = 0.024, so the noise's lowest level sits some
+    0.06 below the flat and the edge (3 of those, 0.073, above it) is crossed within 5 steps of the rise's start
+    give or take 3 for the noise: steps 66..80. The same noise over a real fall of 1.0 keeps the steepest descent."""
+    lrs = lr_schedule(1e-7, 1.0, 100)
+    for seed in range(5):
+        noise = np.random.default_rng(seed).normal(0.0, 0.1, 100)
+        flat = [1.7 + 0.02 * max(0, i - 70) + noise[i] for i in range(100)]
+        s = suggest(lrs, flat, planned_steps=100)
+        assert s["method"] == "flat_edge_div_10", (seed, s)
+        assert 66 <= s["index"] <= 80 and s["lr"] == pytest.approx(lrs[s["index"]] / 10), (seed, s["index"])
+        assert s["inputs"]["fall"] < FLAT_FALL * s["inputs"]["level_se"] and 0.015 < s["inputs"]["level_se"] < 0.035
+        falling = [2.7 - math.tanh((i - 40) / 6) + 0.02 * max(0, i - 70) + noise[i] for i in range(100)]
+        assert suggest(lrs, falling, planned_steps=100)["method"] == "steepest_before_min", seed
 
 
 def test_the_override_printed_sets_the_swept_stage_lr():
@@ -163,7 +180,9 @@ def test_writes_json_and_png_and_no_weights(cli_run):
     assert n == 20 and len(out["lrs"]) == len(out["losses"]) == len(out["smoothed"]) == n
     assert out["lrs"] == pytest.approx(lr_schedule(1e-7, 1.0, 20), rel=1e-12)
     s = out["suggestion"]
-    assert 1e-7 <= s["lr"] <= 1.0 and s["lr"] == out["lrs"][s["index"]]
+    # at the steepest step, or a tenth of the minimum's or the flat's edge's lr (20 steps on 80 images: either)
+    divisor = 1 if s["method"] == "steepest_before_min" else 10
+    assert 1e-8 <= s["lr"] <= 1.0 and s["lr"] == out["lrs"][s["index"]] / divisor
     assert suggest(out["lrs"], out["losses"], 20) == {k: v for k, v in s.items() if k != "override"}
     assert s["override"] == f"schedule.stages.head.lr={s['lr']:.1e}"
     assert f"to use it: {s['override']}" in console and f"suggested lr: {s['lr']:.1e}" in console

@@ -119,6 +119,11 @@ def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
         xs = lrs[max(0, i - half):i + half + 1]
         ax.plot(xs, [fit["level"] + fit["slope_per_decade"] * math.log10(x / lrs[i]) for x in xs], color="#c44e52",
                 lw=2.5, alpha=0.8, label=f"steepest fitted slope ({fit['slope_per_decade']:.2f} per decade)")
+    if s["method"] == "flat_edge_div_10":  # the flat band the loss stayed in, and the lr where it left it
+        fit = s["inputs"]
+        ax.axhspan(fit["min_level"], fit["edge_level"], color="#c44e52", alpha=0.12,
+                   label=f"flat: fell {fit['fall']:.3f}, under the noise ({fit['level_se']:.3f} per fitted level)")
+        ax.axvline(fit["edge_lr"], color="#c44e52", ls=":", lw=1.2, label=f"loss starts to rise: {fit['edge_lr']:.1e}")
     if out["stop"] is not None:
         ax.axvline(out["stop"]["lr"], color="#888888", ls=":", lw=1.2,
                    label=f"stopped early at step {out['stop']['step']} ({out['stop']['reason']})")
@@ -126,7 +131,8 @@ def draw_lr_find(out: dict, path: Path, title: str = "") -> None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.35)
     ax.grid(alpha=0.12, which="minor")
-    ax.legend(loc="best", fontsize=8)
+    # a flat sweep leaves the bottom right free (the loss there has diverged); "best" ignores the annotation
+    ax.legend(loc="lower right" if s["method"] == "flat_edge_div_10" else "best", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     save_png(fig, path)

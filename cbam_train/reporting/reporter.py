@@ -33,6 +33,14 @@ def resolve_mode(mode: str, stream=None) -> str:
     return "rich" if stream.isatty() and os.environ.get("TERM") != "dumb" else "plain"
 
 
+def _range_test_cell(row: dict) -> str:
+    """The stage table's "range test" column: the picture of the range test that found the stage's lr."""
+    found = row.get("lr_found")
+    if found:
+        return found["picture"]
+    return "at its start" if row["lr"] is None else ""
+
+
 def fmt_lr(lr: Optional[float]) -> str:
     return f"{lr:.2e}" if lr is not None else "range test"  # null: found at the stage's start
 
@@ -139,14 +147,16 @@ class Reporter:
         self._stages = stage_spans(rows)
         t = Table(title="schedule")
         grouped = any(len(r.get("lr_groups", ())) > 1 for r in rows)  # lr_mult / layer_decay in some stage
-        cols = ("#", "stage", "epochs", "global epochs", "lr", "trainable", "trainable params") + (
-            ("lr per group",) if grouped else ())
+        tested = any(r["lr"] is None or r.get("lr_found") for r in rows)  # schedule=auto: lrs from range tests
+        cols = ("#", "stage", "epochs", "global epochs", "lr") + (("range test",) if tested else ()) + (
+            "trainable", "trainable params") + (("lr per group",) if grouped else ())
         for col in cols:
             t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
         for r in rows:
             upto = "<=" if r.get("until_plateau") else ""  # a plateau may end the stage sooner
             cells = [str(r["index"]), r["name"], f"{upto}{r['epochs']}", f"{r['first_epoch']}-{upto}{r['last_epoch']}",
-                     fmt_lr(r["lr"]), ", ".join(r["trainable"]), f"{r['trainable_params']:,}"]
+                     fmt_lr(r["lr"])] + ([_range_test_cell(r)] if tested else []) + [
+                     ", ".join(r["trainable"]), f"{r['trainable_params']:,}"]
             if grouped:  # a stage with one group: its lr is the lr column's
                 cells.append("\n".join(f"{fmt_lr(g['lr'])} {', '.join(g['modules'])}" for g in r["lr_groups"])
                              if len(r["lr_groups"]) > 1 else "")

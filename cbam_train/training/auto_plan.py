@@ -44,13 +44,6 @@ def _stage(auto: AutoScheduleConfig, trainable: list) -> StageConfig:
                        until_plateau=plateau)
 
 
-def never_trained(stages: dict, param_names: Sequence[str]) -> list:
-    """Top-level modules no stage of the plan trains (left out of auto.groups on purpose, or by mistake)."""
-    trained = {m for s in stages.values() for m in s.trainable}
-    return [t for t in dict.fromkeys(group_of(n) for n in param_names)
-            if t not in trained and not any(m.startswith(t + ".") for m in trained)]
-
-
 def stages_from_saved(saved: dict) -> dict:
     """The plan a checkpoint's config holds (its schedule.stages, as dataclasses.asdict wrote them), as StageConfigs:
     a resumed auto run continues the plan it made, whatever the weights files hold now."""

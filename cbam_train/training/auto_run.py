@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from cbam_train.config.errors import UserError
 from cbam_train.reporting.charts import draw_lr_find, safe_draw
 from cbam_train.state.atomic import atomic_write, write_json_atomic
 from cbam_train.state.rng import capture_rng, restore_rng
@@ -119,9 +118,6 @@ def find_lr(run: Run, stage: Stage) -> dict:
     """Run the range test (rank 0; the others take its result), put the run's state back, write the stage's
     lr_find json and picture; return RunState.found_lr's entry for the stage."""
     cfg, f, t0 = run.cfg, run.cfg.lr_find, time.perf_counter()
-    if run.dist.enabled and cfg.device.sync_bn:
-        raise UserError("schedule=auto with device.sync_bn: the range test runs on rank 0 alone, where SyncBatchNorm "
-                        "would wait for the other ranks; drop device.sync_bn or set each stage's lr")
     record = None
     if run.dist.is_main:
         run.rep.print(f"stage {stage.index}/{len(run.stages)} '{stage.name}': lr range test, {f.min_lr:.1e} -> "

@@ -18,6 +18,12 @@ from cbam_train.training.device import Amp
 from cbam_train.training.engine import accumulate, forward_loss, optimizer_step
 
 SKIP_START = 0.1  # the suggestion ignores the first 10% of the planned steps, as fastai's do
+# A fall of the fitted loss smaller than FLAT_FALL standard errors of a window's level is noise, not a descent:
+# the lowest of the ~n/w nearly independent window levels lies 2-2.5 of them below their mean by chance alone, and
+# the level it is compared with has its own. The flat stages of a pretrained network fell by 1.4-2.6 (a fresh
+# head by 9.9) in benchmarks/auto_schedule.py's run (docs/RESULTS.md). Its edge: the rise past EDGE_RISE of them.
+FLAT_FALL = 6.0
+EDGE_RISE = 3.0
 WINDOW = 1 / 6  # the suggestion's line fits span a sixth of the planned steps (17 of 100): one odd batch moves
 # their slope little, and 17 steps of the default sweep are 1.2 decades of lr, narrower than a loss's fall
 
@@ -122,7 +128,9 @@ def suggest(lrs: Sequence[float], losses: Sequence[Optional[float]], planned_ste
     the planned steps and before the loss's minimum (out of the divergence tail). Slope and minimum come from a
     line fitted to each window of steps, not from differencing the EMA: the EMA's slope at step t is
     (1 - smooth) x (loss_t - EMA_{t-1}), so its steepest point is the one batch furthest below the average.
-    With no descent to search: the lr at the minimum / 10 (fastai's `minimum`)."""
+    With no descent to search: the lr at the minimum / 10 (fastai's `minimum`). With a fall within the noise (a
+    trained network's next stage: flat until it diverges, its minimum anywhere in the flat): the lr where the
+    loss starts to rise / 10, the same rule with the flat's edge for its minimum."""
     n = next((i for i, v in enumerate(losses) if v is None), len(losses))  # the finite points
     loss, log_lr = np.array(losses[:n], dtype=float), np.log10(np.array(lrs[:n], dtype=float))
     half = min(max(2, round(planned_steps * WINDOW / 2)), (n - 1) // 2)
@@ -134,6 +142,10 @@ def suggest(lrs: Sequence[float], losses: Sequence[Optional[float]], planned_ste
     start = max(int(planned_steps * SKIP_START), half)
     start = start if start < n - half else half  # stopped early: search what there is
     i_min = start + int(np.nanargmin(level[start:n - half]))
+    fall, se = float(np.max(level[start:i_min + 1]) - level[i_min]), level_error(loss, level, half)
+    noisy = se > 1e-9 * max(1.0, abs(float(level[i_min])))  # above float64's rounding of an exact curve's fit
+    if noisy and fall < FLAT_FALL * se:  # noise, wherever its minimum fell (at the search's start too)
+        return _flat_edge(lrs, level, i_min, n - half, fall, se)
     if i_min - start < 2:
         return _min_div_10(lrs, i_min, float(level[i_min]), [start, n - half - 1],
                            f"no descent to search: the fitted loss is lowest at step {i_min + 1}, where the search "
@@ -143,7 +155,26 @@ def suggest(lrs: Sequence[float], losses: Sequence[Optional[float]], planned_ste
             "inputs": {"slope": "least-squares line through the loss against log10(lr) over each window of steps",
                        "window_steps": 2 * half + 1, "searched": [start, i_min - 1],
                        "slope_per_decade": float(slope[i]), "level": float(level[i]),
-                       "min_index": i_min, "min_lr": float(lrs[i_min]), "min_level": float(level[i_min])}}
+                       "min_index": i_min, "min_lr": float(lrs[i_min]), "min_level": float(level[i_min]),
+                       "fall": fall, "level_se": se}}
+
+
+def level_error(loss: np.ndarray, level: np.ndarray, half: int) -> float:
+    """The standard error of a window's fitted level: the steps' scatter about their lines (a robust standard
+    deviation, 1.4826 x the median absolute deviation, so the divergence tail's spikes do not count) / sqrt(window)."""
+    fitted = ~np.isnan(level)
+    residual = loss[fitted] - level[fitted]
+    return float(1.4826 * np.median(np.abs(residual - np.median(residual))) / math.sqrt(2 * half + 1))
+
+
+def _flat_edge(lrs: Sequence[float], level: np.ndarray, i_min: int, end: int, fall: float, se: float) -> dict:
+    limit = level[i_min] + EDGE_RISE * se
+    edge = max(i for i in range(i_min, end) if level[i] <= limit)  # the last window still within the flat
+    return {"lr": float(lrs[edge]) / 10, "method": "flat_edge_div_10", "index": edge,
+            "inputs": {"why": f"the fitted loss fell by {fall:.3g}, under {FLAT_FALL:g} standard errors of a window's "
+                              f"level ({se:.2g})", "fall": fall, "level_se": se, "edge_index": edge,
+                       "edge_lr": float(lrs[edge]), "edge_level": float(limit), "min_index": i_min,
+                       "min_lr": float(lrs[i_min]), "min_level": float(level[i_min])}}
 
 
 def _min_div_10(lrs: Sequence[float], i_min: int, loss: float, searched: list, why: str) -> dict:
@@ -172,4 +203,7 @@ def describe_suggestion(suggestion: dict) -> str:
     if s["method"] == "steepest_before_min":
         return (f"the loss's steepest descent ({s['inputs']['slope_per_decade']:.3g} per decade of lr, a line fitted "
                 f"over {s['inputs']['window_steps']} steps), before its minimum at lr {s['inputs']['min_lr']:.1e}")
+    if s["method"] == "flat_edge_div_10":
+        return (f"the lr where the loss starts to rise, {s['inputs']['edge_lr']:.1e}, / 10 (no measurable descent: "
+                f"{s['inputs']['why']})")
     return f"the lr at the loss's minimum, {s['inputs']['min_lr']:.1e}, / 10 ({s['inputs']['why']})"

@@ -70,6 +70,10 @@ def start_run(cfg: Config, run_dir: Path, record: Optional[dict], required: tupl
         cfg.schedule.stages = planned_stages(cfg, model, resume)
         stages = resolve_stages(cfg.schedule.stages)
     check_trainable(model, cfg.schedule.stages)
+    if dist.enabled and cfg.device.sync_bn and any(s.lr is None for s in cfg.schedule.stages.values()):
+        raise UserError("device.sync_bn with a stage whose lr a range test finds (lr: null, schedule=auto): the test "
+                        "runs on rank 0 alone, where SyncBatchNorm would wait for the other ranks; drop device.sync_bn "
+                        "or set each stage's lr")
     if cfg.logger.tensorboard:
         check_tensorboard()
     error = None
