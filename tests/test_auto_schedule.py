@@ -146,6 +146,9 @@ def test_the_found_lr_is_task_lr_finds_suggestion_on_the_same_weights(auto_run):
     assert staged["found_lr"]["lr"] == staged["found_lr"]["suggested"] == alone["suggestion"]["lr"]
     assert staged["found_lr"]["lr_scale"] == 1.0
     assert auto_run["summary"]["stages"][0]["lr_found"]["lr"] == alone["suggestion"]["lr"]
+    table = [line for line in auto_run["out"].splitlines() if line.startswith("│ 1 │ head ")]
+    # the stage table, printed again once each lr is found: the lr beside the picture of its range test
+    assert f"{alone['suggestion']['lr']:.2e} │ lr_find/stage1-head.png " in table[-1], table
     for k, stage in enumerate(auto_run["summary"]["stages"], 1):  # every stage's json, png and summary agree
         found = json.loads((auto_run["run"] / "lr_find" / f"stage{k}-{stage['name']}.json").read_text())["found_lr"]
         assert (auto_run["run"] / found["picture"]).is_file() and stage["lr"] == found["lr"]

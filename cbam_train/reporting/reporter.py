@@ -150,8 +150,10 @@ class Reporter:
         tested = any(r["lr"] is None or r.get("lr_found") for r in rows)  # schedule=auto: lrs from range tests
         cols = ("#", "stage", "epochs", "global epochs", "lr") + (("range test",) if tested else ()) + (
             "trainable", "trainable params") + (("lr per group",) if grouped else ())
-        for col in cols:
-            t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left")
+        pictures = max((len(_range_test_cell(r)) for r in rows), default=0) if tested else 0
+        for col in cols:  # a picture's path is never cut: the trainable lists wrap instead
+            t.add_column(col, justify="right" if col in ("#", "epochs", "lr", "trainable params") else "left",
+                         min_width=pictures if col == "range test" else None)
         for r in rows:
             upto = "<=" if r.get("until_plateau") else ""  # a plateau may end the stage sooner
             cells = [str(r["index"]), r["name"], f"{upto}{r['epochs']}", f"{r['first_epoch']}-{upto}{r['last_epoch']}",
