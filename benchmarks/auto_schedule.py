@@ -49,13 +49,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--pre-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=15, help="the epoch budget of every arm")
+    p.add_argument("--seed", type=int, default=0, help="of every run, the first one's included")
     a = p.parse_args()
     out = a.out.resolve()
     classes = sorted(d.name for d in a.data.iterdir() if d.is_dir())
     link_tree(a.data, out / "pre_data", list(PRE_CLASSES), a.per_class, a.pre_per_class)  # disjoint images
     link_tree(a.data, out / "data", classes, 0, a.per_class)
     common = ["data=imagefolder", "device=cpu", f"model.width={a.width}", "data.image_size=32", "data.num_workers=0",
-              "log.mode=plain", "log.attention_report=false", "log.show_config=none", "seed=0"]
+              "log.mode=plain", "log.attention_report=false", "log.show_config=none", f"seed={a.seed}"]
     pretrain = [f"data.root={out / 'pre_data'}", f"data.val_size={min(500, a.pre_per_class)}",
                 "model.pretrained=false", "model.cbam.enabled=false", f"model.num_classes={len(PRE_CLASSES)}",
                 "schedule=scratch", f"schedule.stages.all.epochs={a.pre_epochs}", "schedule.stages.all.lr=3e-3",
