@@ -184,6 +184,25 @@ def test_schedule_yaml_replays_the_run_row_for_row(auto_run, tmp_path):
     assert rows(tmp_path / "replay") == rows(auto_run["run"])
 
 
+def test_the_mlflow_run_holds_each_found_lr_as_a_param(tmp_path):
+    """From random weights every module is new: one stage ('head') that trains everything, its lr found by a
+    10-step range test; the MLflow run gets it as schedule.stages.head.lr_found (its planned lr param is null)."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (the [mlflow] extra, in dev)")
+    from mlflow.tracking import MlflowClient
+
+    from cbam_train.reporting.tracking import DB_NAME
+
+    proc = call_cli(BASE + ["schedule=auto", "schedule.auto.max_epochs=1", "lr_find.steps=10", "logger=mlflow",
+                            f"logger.tracking_uri={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(s["name"], s["trainable"]) for s in summary["stages"]] == [
+        ("head", ["fc", "cbam", "conv1", "bn1", "layer1", "layer2", "layer3", "layer4"])]
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    params = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / DB_NAME}").get_run(run_id).data.params
+    assert float(params["schedule.stages.head.lr_found"]) == summary["stages"][0]["lr_found"]["lr"]
+
+
 @pytest.mark.slow
 def test_sigkill_in_a_range_test_in_training_and_in_a_plateau_wait_resumes_to_the_same_run(auto_run, tmp_path):
     """Killed while stage 2's range test runs (its lr not found yet: found again on resume), mid-epoch in

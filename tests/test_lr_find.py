@@ -15,8 +15,8 @@ from conftest import NARROW, assert_same_state, compose_config
 from PIL import Image
 
 from cbam_train.config.errors import UserError
-from cbam_train.tasks import lr_find
 from cbam_train.tasks.lr_find import override_for, run_lr_find
+from cbam_train.training import range_test as ranges
 from cbam_train.training import session
 from cbam_train.training.range_test import FLAT_FALL, local_lines, lr_schedule, suggest
 
@@ -27,7 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def ema(losses: list, beta: float) -> list:
-    """The bias-corrected EMA, written out independently of lr_find.range_test."""
+    """The bias-corrected EMA, written out independently of range_test.range_test."""
     out, avg = [], 0.0
     for k, loss in enumerate(losses, 1):
         avg = beta * avg + (1 - beta) * loss
@@ -97,7 +97,7 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
     """stage=high with layer_decay: several param groups; each step's group lrs are lr_i x lr_mult; only the
     stage's parameters change and the frozen modules' BatchNorm statistics stay put (schedule.freeze_bn)."""
     seen = {}
-    real_build, real_sweep = session.build_optimizer, lr_find.range_test
+    real_build, real_sweep = session.build_optimizer, ranges.range_test
 
     def build(groups, cfg, lr):
         opt = real_build(groups, cfg, lr)
@@ -113,7 +113,7 @@ def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ra
         return result
 
     monkeypatch.setattr(session, "build_optimizer", build)
-    monkeypatch.setattr(lr_find, "range_test", spy)
+    monkeypatch.setattr(ranges, "range_test", spy)
     # reduction 4: at model.width=8 the default 16 leaves CBAM's channel MLP one hidden unit, which a ReLU can keep
     # at zero for a whole sweep; then its first layer would not change although it trains
     cfg = compose_config(TINY + ["stage=high", "schedule.stages.high.layer_decay=0.5", "lr_find.max_lr=1e-2",
@@ -241,7 +241,7 @@ def test_starts_from_the_weights_training_would_start_the_stage_from(source, tmp
         captured["train"] = state_copy(run.model)
         raise _Started
 
-    monkeypatch.setattr(lr_find, "range_test", at_sweep)
+    monkeypatch.setattr(ranges, "range_test", at_sweep)
     monkeypatch.setattr(train, "open_stage", at_open_stage)
     for name, task, task_overrides in (("lr_find", run_lr_find, []), ("train", train.run, ["task=train"])):
         with pytest.raises(_Started):

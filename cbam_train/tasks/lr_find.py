@@ -17,12 +17,9 @@ from cbam_train.state.atomic import write_json_atomic
 from cbam_train.training import distributed
 from cbam_train.training.device import setup_device
 from cbam_train.training.range_test import (
-    SweepSetup,
     describe_suggestion,
-    endless,
-    lr_schedule,
-    range_test,
     sweep_record,
+    sweep_stage,
 )
 from cbam_train.training.session import build_stage
 from cbam_train.training.startup import Started, load_weights, prepare_data, start_run
@@ -68,11 +65,7 @@ def _lr_find(cfg: Config, run_dir: Path, started: Started, t0: float) -> dict:
                 if step % cfg.log.every_n_steps == 0:
                     rep.print(f"lr_find step {step}/{f.steps} lr {lr:.2e} loss {loss:.4f} smoothed {smoothed:.4f}")
 
-            setup = SweepSetup(device, amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing,
-                               accumulate_steps=cfg.train.accumulate_steps, grad_clip_norm=cfg.train.grad_clip_norm,
-                               on_step=on_step)
-            result = range_test(parts.step_model, endless(loaders.train), parts.optimizer,
-                                lr_schedule(f.min_lr, f.max_lr, f.steps), setup)
+            result = sweep_stage(cfg, parts.step_model, parts.optimizer, loaders.train, device, amp, on_step)
     finally:
         loaders.close()
     out = sweep_record(result, f, stage, groups)

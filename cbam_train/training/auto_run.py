@@ -18,12 +18,9 @@ from cbam_train.training import distributed
 from cbam_train.training.auto_plan import RanStage, plan_yaml
 from cbam_train.training.plateau import best_so_far
 from cbam_train.training.range_test import (
-    SweepSetup,
     describe_suggestion,
-    endless,
-    lr_schedule,
-    range_test,
     sweep_record,
+    sweep_stage,
 )
 from cbam_train.training.schedule import Stage
 from cbam_train.training.session import Run, build_stage
@@ -126,11 +123,8 @@ def find_lr(run: Run, stage: Stage) -> dict:
         try:
             parts = build_stage(run.model, dataclasses.replace(stage, lr=f.min_lr), cfg, device=run.device)
             with run.rep.progress(f.steps, f"range test ({stage.name})") as bar:
-                setup = SweepSetup(run.device, run.amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing,
-                                   cfg.train.accumulate_steps, cfg.train.grad_clip_norm,
-                                   on_step=lambda step, *_: bar(step))
-                result = range_test(parts.step_model, endless(run.loaders.train), parts.optimizer,
-                                    lr_schedule(f.min_lr, f.max_lr, f.steps), setup)
+                result = sweep_stage(cfg, parts.step_model, parts.optimizer, run.loaders.train, run.device, run.amp,
+                                     lambda step, *_: bar(step))
         finally:
             put_back(run, snap)
         record = sweep_record(result, f, stage, parts.groups)

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from cbam_train.config.errors import UserError
-from cbam_train.config.schema import LrFindConfig
+from cbam_train.config.schema import Config, LrFindConfig
 from cbam_train.training.device import Amp
 from cbam_train.training.engine import accumulate, forward_loss, optimizer_step
 
 SKIP_START = 0.1  # the suggestion ignores the first 10% of the planned steps, as fastai's do
 # A fall of the fitted loss smaller than FLAT_FALL standard errors of a window's level is noise, not a descent:
 # the lowest of the ~n/w nearly independent window levels lies 2-2.5 of them below their mean by chance alone, and
-# the level it is compared with has its own. The flat stages of a pretrained network fell by 1.4-2.6 (a fresh
-# head by 9.9) in benchmarks/auto_schedule.py's run (docs/RESULTS.md). Its edge: the rise past EDGE_RISE of them.
+# the level it is compared with has its own. The flat stages of a pretrained network fell by 1.4-4.1 (fresh
+# heads by 8.7 and 9.9) in benchmarks/auto_schedule.py's runs (docs/RESULTS.md). The flat's edge: a rise past
+# EDGE_RISE of them.
 FLAT_FALL = 6.0
 EDGE_RISE = 3.0
 WINDOW = 1 / 6  # the suggestion's line fits span a sixth of the planned steps (17 of 100): one odd batch moves
@@ -111,6 +112,16 @@ def range_test(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optim
             break
         optimizer_step(optimizer, setup.amp, setup.grad_clip_norm)
     return out
+
+
+def sweep_stage(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, device: torch.device,
+                amp: Amp, on_step: Callable[[int, float, float, float], None]) -> SweepResult:
+    """The range test of an opened stage with the run's settings (lr_find.*, train.*): task=lr_find's and each
+    schedule=auto stage's; the training loader goes round again when the sweep is longer than an epoch."""
+    f = cfg.lr_find
+    setup = SweepSetup(device, amp, f.smooth, f.diverge_factor, cfg.train.label_smoothing, cfg.train.accumulate_steps,
+                       cfg.train.grad_clip_norm, on_step)
+    return range_test(model, endless(loader), optimizer, lr_schedule(f.min_lr, f.max_lr, f.steps), setup)
 
 
 def local_lines(loss: np.ndarray, log_lr: np.ndarray, half: int) -> tuple:
