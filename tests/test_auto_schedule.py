@@ -105,7 +105,8 @@ def test_new_modules_of_a_weights_file_without_cbam(tmp_path):
     new = new_modules_of(model, str(tmp_path / "imagenet.pt"), False, None)
     assert sorted(new) == ["cbam", "conv1"]
     stages = plan_stages(DEFAULT_GROUPS, [n for n, _ in model.named_parameters()], new)
-    assert stages["head"].trainable == ["fc", "cbam", "conv1"] and list(stages)[-1] == "layer1_bn1"
+    # bn1's shape fits, but its statistics and affine belong to the 7x7 conv: it trains with the new conv1
+    assert stages["head"].trainable == ["fc", "cbam", "conv1", "bn1"] and list(stages)[-1] == "layer1"
 
 
 def test_an_unknown_group_module_is_refused_naming_the_group():
@@ -235,6 +236,25 @@ def test_sigkill_in_a_range_test_in_training_and_in_a_plateau_wait_resumes_to_th
     # differs: it names this run's own overrides (train.checkpoint_every_n_steps)
 
 
+def test_schedule_yaml_keeps_a_fixed_lr_and_says_how_each_stage_ran():
+    """An edited plan replayed may mix fixed and found lrs: a fixed lr is written back as it was, not as null."""
+    import yaml
+
+    from cbam_train.config.schema import StageConfig
+    from cbam_train.training.auto_plan import RanStage, plan_yaml
+
+    fixed, found = StageConfig(epochs=2, lr=1e-3, trainable=["fc"]), StageConfig(epochs=2, lr=None, trainable=["all"])
+    record = {"lr": 2e-4, "suggested": 4e-4, "lr_scale": 0.5, "picture": "lr_find/stage2-b.png"}
+    text = plan_yaml([RanStage("a", fixed, None, [1, 2], "epochs"), RanStage("b", found, record, [3], "plateau", 3),
+                      RanStage("c", found, None, [], None)], True, ["replay: cbam-train schedule=x.yaml"])
+    stages = yaml.safe_load(text)["stages"]
+    assert [stages[n]["lr"] for n in "abc"] == [1e-3, 2e-4, None]
+    assert "# a fixed lr 0.001; ran epochs 1-2 (2), ended at its maximum" in text
+    assert ("# lr found by a range test (lr_find/stage2-b.png): suggested 0.0004 x lr_scale 0.5; ran epochs 3-3 (1), "
+            "ended on a plateau, weights of epoch 3 kept") in text
+    assert "# not started: its lr (null) is found by a range test when it starts" in text
+
+
 # --- bad keys --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
@@ -264,6 +284,12 @@ def test_the_cli_refuses_a_bad_auto_key_with_exit_2_and_one_line(tmp_path):
     code, lines, run = cli_lines(BASE + ["schedule=auto", "schedule.auto.lr_scale=0"], tmp_path)
     assert code == 2 and len(lines) == 1 and lines[0] == "error: schedule.auto.lr_scale must be > 0, got 0.0", lines
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_an_empty_validation_split_is_refused_naming_data_val_size(tmp_path):
+    code, lines, _ = cli_lines(BASE + ["schedule=auto", "data.val_size=0"], tmp_path)
+    assert code == 2 and lines == ["error: schedule=auto ends each stage on a plateau of a validation metric, but the "
+                                   "validation split is empty; set data.val_size > 0"], lines
 
 
 def test_a_good_auto_config_validates():

@@ -91,6 +91,8 @@ def test_the_override_printed_sets_the_swept_stage_lr():
     assert override_for(compose_config(TINY), "high", 3.21e-4) == "schedule.stages.high.lr=3.2e-04"
     # with lr= on the command line, that sets the first running stage's lr and would win over the stage's key
     assert override_for(compose_config(TINY + ["lr=1e-3"]), "head", 3.21e-4) == "lr=3.2e-04"
+    # schedule=auto runs the test itself at each stage's start and refuses both overrides: none is printed
+    assert override_for(compose_config(["schedule=auto", "data.root=/x"]), "head", 3.21e-4) is None
 
 
 def test_the_sweep_trains_the_stage_as_training_would_with_every_group_at_its_ratio(monkeypatch, tmp_path):

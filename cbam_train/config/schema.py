@@ -175,7 +175,7 @@ class AutoScheduleConfig:
     metric: str = "val_acc"  # val_acc | val_loss
     restore_best: bool = True  # a stage that ends keeps its best epoch's weights
     lr_scale: float = 1.0  # each stage's lr = its range test's suggestion x this
-    layer_decay: Optional[float] = None  # in (0, 1]: already-trained groups lower, as ULMFiT's discriminative rates
+    layer_decay: Optional[float] = None  # in (0, 1]: each stage's layer_decay (deeper groups slower, as ULMFiT's)
 
 
 @dataclass

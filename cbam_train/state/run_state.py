@@ -93,7 +93,7 @@ class RunState:
     best_val_acc: Optional[float] = None
     checkpoint: Optional[dict] = None  # the checkpoint resumed from (None: a fresh run)
     stage_best: Optional[dict] = None  # {"stage_name", "epoch", "model", "ema"}: CPU copies (plateau.restore_best)
-    found_lr: dict = field(default_factory=dict)  # stage name -> found_lr.find_lr's record (lr, suggestion, range)
+    found_lr: dict = field(default_factory=dict)  # stage name -> auto_run.find_lr's record (lr, suggestion, range)
     _staged_optimizer: Optional[dict] = None  # stage_name, optimizer, scheduler: for the first stage that opens
     _staged_partial: Optional[EpochState] = None  # a mid-epoch checkpoint's running sums, for the first epoch
 

@@ -27,9 +27,12 @@ from cbam_train.training.startup import Started, load_weights, prepare_data, sta
 LR_FIND_FILES = ("lr_find.json", "lr_find.png", "train.log")
 
 
-def override_for(cfg: Config, stage_name: str, lr: float) -> str:
+def override_for(cfg: Config, stage_name: str, lr: float) -> Optional[str]:
     """The override that sets the stage's lr: `lr=` when one is given (it sets the first running stage's lr,
-    which is the swept stage, and would win over schedule.stages.<stage>.lr)."""
+    which is the swept stage, and would win over schedule.stages.<stage>.lr); None under schedule=auto, which
+    runs this same test at the stage's start (and refuses both overrides)."""
+    if cfg.schedule.auto.enabled:
+        return None
     value = f"{lr:.1e}"
     return f"lr={value}" if cfg.lr is not None else f"schedule.stages.{stage_name}.lr={value}"
 
@@ -94,5 +97,6 @@ def _report(rep: Reporter, out: dict, run_dir: Path) -> None:
                   f"{stop['loss']}")
     how = describe_suggestion(s)
     rep.print(f"suggested lr: {s['lr']:.1e}: {how}", quiet_too=True)
-    rep.print(f"to use it: {s['override']}", quiet_too=True)
+    rep.print(f"to use it: {s['override']}" if s["override"] else "to use it: nothing to set; schedule=auto runs "
+              "this same test when the stage starts", quiet_too=True)
     rep.print(f"wrote {run_dir / 'lr_find.json'} and lr_find.png")

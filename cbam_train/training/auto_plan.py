@@ -18,11 +18,14 @@ HEAD_STAGE = "head"
 
 def plan_stages(auto: AutoScheduleConfig, param_names: Sequence[str], new_modules: Sequence[str]) -> dict:
     """{stage name: StageConfig} in run order. The first stage ('head') trains fc, every CBAM module and each module
-    the initial weights did not fill (`new_modules`, e.g. a CIFAR stem under ImageNet weights); each group of
+    the initial weights did not fill (`new_modules`, e.g. a CIFAR stem under ImageNet weights: conv1, and bn1 with
+    it); each group of
     auto.groups then adds its modules not training yet (a group left with none adds no stage). Every stage trains
     what the ones before it did, has lr null (found at its start), at most auto.max_epochs and a plateau end."""
     tops = list(dict.fromkeys(group_of(n) for n in param_names))  # conv1, bn1, layer1..4, fc, cbam, in model order
-    training = [m for m in HEAD if m in tops] + [m for m in tops if m in new_modules and m not in HEAD]
+    new = set(new_modules) | ({"bn1"} if "conv1" in new_modules else set())  # a new conv1 (the CIFAR stem under
+    # ImageNet weights) makes bn1's loaded statistics and affine those of another conv: they train together
+    training = [m for m in HEAD if m in tops] + [m for m in tops if m in new and m not in HEAD]
     stages = {HEAD_STAGE: _stage(auto, training)}
     for i, group in enumerate(auto.groups):
         for module in group:
@@ -76,21 +79,23 @@ def plan_yaml(stages: Sequence[RanStage], freeze_bn: bool, header: Sequence[str]
     for s in stages:
         lines += [f"  # {_story(s)}", f"  {s.name}:"]
         plan = dataclasses.asdict(s.plan)
-        plan["lr"] = s.found["lr"] if s.found is not None else None
+        plan["lr"] = s.found["lr"] if s.found is not None else s.plan.lr  # a fixed lr (an edited plan) stays
         body = yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=200)
         lines += ["    " + line for line in body.rstrip().splitlines()]
     return "\n".join(lines) + "\n"
 
 
 def _story(s: RanStage) -> str:
-    if s.found is None:
+    if s.found is None and s.plan.lr is None:
         return "not started: its lr (null) is found by a range test when it starts"
-    lr = (f"lr found by a range test ({s.found['picture']}): suggested {s.found['suggested']:.3g} x lr_scale "
-          f"{s.found['lr_scale']:g}")
+    if s.found is None:
+        lr = f"a fixed lr {s.plan.lr:.3g}"
+    else:
+        lr = (f"lr found by a range test ({s.found['picture']}): suggested {s.found['suggested']:.3g} x lr_scale "
+              f"{s.found['lr_scale']:g}")
     if not s.epochs_run:
         return lr + "; no epoch ran"
     ran = f"ran epochs {s.epochs_run[0]}-{s.epochs_run[-1]} ({len(s.epochs_run)})"
     ended = {"plateau": "ended on a plateau", "epochs": "ended at its maximum", None: "still running"}[s.ended]
     best = f", weights of epoch {s.best_epoch} kept" if s.best_epoch is not None else ""
     return f"{lr}; {ran}, {ended}{best}"
-

@@ -6,10 +6,12 @@ fixed schedule with that lr would: the plan in schedule.yaml replays with the sa
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Optional
 
+from cbam_train.config.errors import TrainingError
 from cbam_train.reporting.charts import draw_lr_find, safe_draw
 from cbam_train.state.atomic import atomic_write, write_json_atomic
 from cbam_train.state.rng import capture_rng, restore_rng
@@ -106,29 +108,44 @@ def write_plan(run: Run) -> None:
     path = run.run_dir / "schedule.yaml"
     header = [f"The stages of {run.run_dir} as they ran: the plan schedule=auto made and the lr each stage's range",
               "test found. Replay it as a fixed schedule (the same metrics rows on the same device), or edit it:",
-              f"  cbam-train schedule={path} {' '.join(others)}".rstrip()]
+              f"  cbam-train {shlex.join([f'schedule={path}', *others])}"]
     text = plan_yaml(ran, run.cfg.schedule.freeze_bn, header).encode()
     atomic_write(path, lambda f: f.write(text))
+
+
+def _sweep(run: Run, stage: Stage) -> dict:
+    """Rank 0's range test of the stage, from its current state, which is put back afterwards: its record."""
+    cfg, f = run.cfg, run.cfg.lr_find
+    run.rep.print(f"stage {stage.index}/{len(run.stages)} '{stage.name}': lr range test, {f.min_lr:.1e} -> "
+                  f"{f.max_lr:.1e} over {f.steps} steps, training {', '.join(stage.trainable)}")
+    snap = take_snapshot(run)
+    try:
+        parts = build_stage(run.model, dataclasses.replace(stage, lr=f.min_lr), cfg, device=run.device)
+        with run.rep.progress(f.steps, f"range test ({stage.name})") as bar:
+            result = sweep_stage(cfg, parts.step_model, parts.optimizer, run.loaders.train, run.device, run.amp,
+                                 lambda step, *_: bar(step))
+    finally:
+        put_back(run, snap)
+    return sweep_record(result, f, stage, parts.groups)
 
 
 def find_lr(run: Run, stage: Stage) -> dict:
     """Run the range test (rank 0; the others take its result), put the run's state back, write the stage's
     lr_find json and picture; return RunState.found_lr's entry for the stage."""
     cfg, f, t0 = run.cfg, run.cfg.lr_find, time.perf_counter()
-    record = None
+    record, error = None, None
     if run.dist.is_main:
-        run.rep.print(f"stage {stage.index}/{len(run.stages)} '{stage.name}': lr range test, {f.min_lr:.1e} -> "
-                      f"{f.max_lr:.1e} over {f.steps} steps, training {', '.join(stage.trainable)}")
-        snap = take_snapshot(run)
         try:
-            parts = build_stage(run.model, dataclasses.replace(stage, lr=f.min_lr), cfg, device=run.device)
-            with run.rep.progress(f.steps, f"range test ({stage.name})") as bar:
-                result = sweep_stage(cfg, parts.step_model, parts.optimizer, run.loaders.train, run.device, run.amp,
-                                     lambda step, *_: bar(step))
-        finally:
-            put_back(run, snap)
-        record = sweep_record(result, f, stage, parts.groups)
-    record = distributed.broadcast(record, run.dist)
+            record = _sweep(run, stage)
+        except Exception as e:  # under torchrun the other ranks wait for its result: they get the error instead
+            if not run.dist.enabled:
+                raise
+            error = e
+    record, failed = distributed.broadcast((record, f"{type(error).__name__}: {error}" if error else None), run.dist)
+    if error is not None:
+        raise error
+    if failed:
+        raise TrainingError(f"rank 0's lr range test of stage '{stage.name}' failed: {failed}")
     scale = cfg.schedule.auto.lr_scale if cfg.schedule.auto.enabled else 1.0
     suggestion = record["suggestion"]
     picture = f"{FOLDER}/stage{stage.index}-{stage.name}.png"

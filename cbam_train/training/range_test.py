@@ -1,6 +1,6 @@
 """The lr range test (Smith 2017, "Cyclical Learning Rates", sec. 3.3; fastai's lr_find): one optimizer step
 per lr on an exponential sweep, the loss smoothed, and the suggested lr. task=lr_find runs it on its own;
-a stage with `lr: null` (schedule=auto) runs it at its start (training/found_lr.py)."""
+a stage with `lr: null` (schedule=auto) runs it at its start (training/auto_run.py)."""
 
 from __future__ import annotations
 

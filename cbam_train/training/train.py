@@ -85,6 +85,9 @@ def set_up_run(cfg: Config, run_dir: Path, started: Started, overrides: list, st
     splits, loaders = prepare_data(cfg, started.device, started.rep, (dist.rank, dist.world))
     try:
         waits = [s.name for s in started.stages if s.plateau is not None]
+        if waits and len(splits.val) == 0 and cfg.schedule.auto.enabled:
+            raise UserError("schedule=auto ends each stage on a plateau of a validation metric, but the validation "
+                            "split is empty; set data.val_size > 0")
         if waits and len(splits.val) == 0:
             raise UserError(f"schedule.stages.{waits[0]}.until_plateau needs validation metrics, but the validation "
                             "split is empty; set data.val_size > 0 or turn until_plateau off")
