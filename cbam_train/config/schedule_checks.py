@@ -3,6 +3,8 @@ schedule.auto (schedule=auto: the plan's keys and what it decides itself). Part 
 
 from __future__ import annotations
 
+from typing import Optional
+
 from cbam_train.config.checks import choice, in_range, positive
 from cbam_train.config.errors import ConfigError
 from cbam_train.config.schema import Config
@@ -35,14 +37,23 @@ def check_schedule(cfg: Config) -> None:
             raise ConfigError(f"{key}.sched.gamma must be in (0, 1], got {stage.sched.gamma}")
         for module, mult in stage.lr_mult.items():
             positive(f"{key}.lr_mult.{module}", mult)
-        if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
-            raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {stage.layer_decay}")
+        _layer_decay(f"{key}.layer_decay", stage.layer_decay)
         plateau = stage.until_plateau
         if plateau is not None:  # min_delta and metric also while patience is null (the plateau off)
-            if plateau.patience is not None and plateau.patience < 1:
-                raise ConfigError(f"{key}.until_plateau.patience must be >= 1, got {plateau.patience}")
-            positive(f"{key}.until_plateau.min_delta", plateau.min_delta, strict=False)
-            choice(f"{key}.until_plateau.metric", plateau.metric, ("val_acc", "val_loss"))
+            _plateau(f"{key}.until_plateau.", plateau.patience, plateau.min_delta, plateau.metric)
+
+
+def _layer_decay(key: str, value: Optional[float]) -> None:
+    if value is not None and not 0 < value <= 1:
+        raise ConfigError(f"{key} must be null or in (0, 1], got {value}")
+
+
+def _plateau(prefix: str, patience: Optional[int], min_delta: float, metric: str) -> None:
+    """A stage's until_plateau.* or schedule.auto's plateau keys (`prefix`: where they sit)."""
+    if patience is not None and patience < 1:
+        raise ConfigError(f"{prefix}patience must be >= 1, got {patience}")
+    positive(f"{prefix}min_delta", min_delta, strict=False)
+    choice(f"{prefix}metric", metric, ("val_acc", "val_loss"))
 
 
 def _check_auto(cfg: Config) -> None:
@@ -61,13 +72,9 @@ def _check_auto(cfg: Config) -> None:
             seen[module] = i
     if auto.max_epochs < 1:
         raise ConfigError(f"{key}.max_epochs must be >= 1, got {auto.max_epochs}")
-    if auto.patience < 1:
-        raise ConfigError(f"{key}.patience must be >= 1, got {auto.patience}")
-    positive(f"{key}.min_delta", auto.min_delta, strict=False)
-    choice(f"{key}.metric", auto.metric, ("val_acc", "val_loss"))
+    _plateau(f"{key}.", auto.patience, auto.min_delta, auto.metric)  # patience is never null here: the plan's end
     positive(f"{key}.lr_scale", auto.lr_scale)
-    if auto.layer_decay is not None and not 0 < auto.layer_decay <= 1:
-        raise ConfigError(f"{key}.layer_decay must be null or in (0, 1], got {auto.layer_decay}")
+    _layer_decay(f"{key}.layer_decay", auto.layer_decay)
     if str(cfg.stage) != "all":
         raise ConfigError(f"stage={cfg.stage}: schedule=auto plans and runs every stage; to run one of them, replay "
                           "the run's plan: schedule=RUN_DIR/schedule.yaml stage=...")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -136,6 +136,12 @@ def unfilled_modules(own: dict, taken: dict) -> list:
         if k not in taken and not k.endswith("num_batches_tracked") and group_of(k) not in new:
             new.append(group_of(k))
     return new
+
+
+def with_stem_bn(modules: list, present: Sequence[str] = ()) -> list:
+    """`modules` and bn1 when they hold a new conv1 (bn1 in neither them nor `present`): a loaded bn1's statistics
+    and affine describe the old stem's output (ImageNet's 7x7 conv), not the new conv1's."""
+    return modules + ["bn1"] if "conv1" in modules and "bn1" not in [*modules, *present] else modules
 
 
 def new_modules_of(model: nn.Module, weights: Optional[str], pretrained: bool, init_from: Optional[str]) -> list:

@@ -10,7 +10,7 @@ import yaml
 
 from cbam_train.config.errors import ConfigError
 from cbam_train.config.schema import AutoScheduleConfig, PlateauConfig, SchedConfig, StageConfig
-from cbam_train.state.weights import group_of
+from cbam_train.state.weights import group_of, with_stem_bn
 
 HEAD = ("fc", "cbam")  # what the first stage always trains: the new classifier and the attention modules
 HEAD_STAGE = "head"
@@ -19,12 +19,11 @@ HEAD_STAGE = "head"
 def plan_stages(auto: AutoScheduleConfig, param_names: Sequence[str], new_modules: Sequence[str]) -> dict:
     """{stage name: StageConfig} in run order. The first stage ('head') trains fc, every CBAM module and each module
     the initial weights did not fill (`new_modules`, e.g. a CIFAR stem under ImageNet weights: conv1, and bn1 with
-    it); each group of
-    auto.groups then adds its modules not training yet (a group left with none adds no stage). Every stage trains
-    what the ones before it did, has lr null (found at its start), at most auto.max_epochs and a plateau end."""
+    it); each group of auto.groups then adds its modules not training yet (a group left with none adds no stage).
+    Every stage trains what the ones before it did, has lr null (found at its start), at most auto.max_epochs and a
+    plateau end."""
     tops = list(dict.fromkeys(group_of(n) for n in param_names))  # conv1, bn1, layer1..4, fc, cbam, in model order
-    new = set(new_modules) | ({"bn1"} if "conv1" in new_modules else set())  # a new conv1 (the CIFAR stem under
-    # ImageNet weights) makes bn1's loaded statistics and affine those of another conv: they train together
+    new = with_stem_bn(list(new_modules))
     training = [m for m in HEAD if m in tops] + [m for m in tops if m in new and m not in HEAD]
     stages = {HEAD_STAGE: _stage(auto, training)}
     for i, group in enumerate(auto.groups):

@@ -23,7 +23,13 @@ from cbam_train.reporting.reporter import Reporter, check_tensorboard
 from cbam_train.reporting.tracking import MlflowTracker
 from cbam_train.state.resume import Resume
 from cbam_train.state.rundir import RUN_FILES, claim_run_dir
-from cbam_train.state.weights import load_initial_weights, load_state_dict_file, load_strict, new_modules_of
+from cbam_train.state.weights import (
+    load_initial_weights,
+    load_state_dict_file,
+    load_strict,
+    new_modules_of,
+    with_stem_bn,
+)
 from cbam_train.training import distributed
 from cbam_train.training.auto_plan import plan_stages, stages_from_saved
 from cbam_train.training.device import available_cpus, resolve_device, seed_everything, set_threads
@@ -134,9 +140,7 @@ def load_weights(cfg: Config, model: nn.Module, stages: list, rep: Reporter) -> 
     if frozen_new:
         first = stages[0]
         what = "; ".join(f"{stage}: {', '.join(modules)}" for stage, modules in frozen_new.items())
-        add = [m for m in next(iter(frozen_new.values())) if m not in first.trainable]
-        if "conv1" in add and "bn1" not in add + list(first.trainable):
-            add.append("bn1")  # loaded bn1 statistics describe the old stem's output, not the new conv1's
+        add = with_stem_bn([m for m in next(iter(frozen_new.values())) if m not in first.trainable], first.trainable)
         rep.warn(f"stages keep newly initialised (random) modules frozen ({what}); consider training them from the "
                  f"first stage: schedule.stages.{first.name}.trainable=[{','.join(list(first.trainable) + add)}]")
 
